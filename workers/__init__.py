@@ -1,0 +1,1 @@
+"""Per-rank execution of a LoadPlan: coordination, reads, transfers, materialization, reports."""
