@@ -6,9 +6,16 @@ JSON); every field is validated by :mod:`orchestrator.safetensors_format`.
 """
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
+
+from orchestrator.errors import (CheckpointFormatError, CheckpointNotFoundError,
+                                 PickleRefusedError, UnsafePathError)
+from orchestrator.safetensors_format import (MAX_INDEX_BYTES, HeaderTensor, open_regular, pread_exact,
+                                             read_header_stat, validate_index_json)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,3 +75,204 @@ class CheckpointIndex:
             if f.name == name:
                 return f
         raise KeyError(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Building an index from disk
+# --------------------------------------------------------------------------------------------
+
+SINGLE_FILE_NAME = "model.safetensors"
+INDEX_FILE_NAME = "model.safetensors.index.json"
+INDEX_SUFFIX = ".safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def find_hf_cache_root(root: str) -> str | None:
+    """The ``models--org--name`` folder holding ``root`` when it is an HF snapshot dir, else None.
+
+    A snapshot is ``<cache>/models--org--name/snapshots/<commit>``; its files are symlinks into
+    ``../../blobs``, which :func:`load_index` must accept.
+    """
+    root = os.path.abspath(root)
+    snapshots = os.path.dirname(root)
+    repo_dir = os.path.dirname(snapshots)
+    if os.path.basename(snapshots) == "snapshots" and re.match(
+            r"^(models|datasets|spaces)--.+", os.path.basename(repo_dir)):
+        return repo_dir
+    return None
+
+
+def locate_safetensors(directory: str) -> tuple[str, str] | None:
+    """Which safetensors weights a directory holds: ``("index", name)``, ``("single", name)`` or None.
+
+    Order (as transformers): ``model.safetensors``, ``model.safetensors.index.json``, the one
+    ``*.safetensors.index.json``, the one ``*.safetensors``. Several candidates without an index
+    raise CheckpointFormatError. Called by :func:`load_index` and ``orchestrator.source``.
+    """
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as exc:
+        raise CheckpointNotFoundError(f"Cannot list the checkpoint directory: {exc.strerror}",
+                                      where=directory, fix="check the path and permissions") from exc
+    if SINGLE_FILE_NAME in names:
+        return "single", SINGLE_FILE_NAME
+    if INDEX_FILE_NAME in names:
+        return "index", INDEX_FILE_NAME
+    indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
+    singles = [n for n in names if n.endswith(".safetensors")]
+    for kind, found in (("index", indexes), ("single", singles)):
+        if len(found) == 1:
+            return kind, found[0]
+        if len(found) > 1:
+            raise CheckpointFormatError(
+                f"The directory holds several {'index files' if kind == 'index' else 'safetensors files'}"
+                " and no model.safetensors.index.json", where=directory,
+                expected="one model.safetensors, or an index naming the shards", got=found[:10],
+                fix="add a model.safetensors.index.json, or pass the path of one .safetensors file")
+    return None
+
+
+def find_pickle_files(directory: str) -> tuple[str, ...]:
+    """Names of pickle weight files (``*.bin``, ``*.pt``, ...) directly inside ``directory``."""
+    try:
+        return tuple(sorted(n for n in os.listdir(directory) if n.endswith(PICKLE_SUFFIXES)))
+    except OSError:
+        return ()
+
+
+def resolve_inside(root: str, name: str, allowed: tuple[str, ...], where: str) -> str:
+    """Absolute real path of ``root/name``; it must lie inside one of the ``allowed`` real dirs.
+
+    Symlinks are followed (HF snapshots link into ``../../blobs``); a target outside every
+    allowed directory raises UnsafePathError.
+    """
+    full = os.path.join(root, name)
+    real = os.path.realpath(full)
+    if not any(real == a or real.startswith(a.rstrip(os.sep) + os.sep) for a in allowed):
+        raise UnsafePathError("A checkpoint file resolves outside the checkpoint directory",
+                              where=where, expected=f"a path inside {' or '.join(allowed)}",
+                              got=f"{full} -> {real}",
+                              fix="copy the file into the checkpoint directory instead of linking it")
+    return real
+
+
+def _file_entries(root: str, name: str, allowed: tuple[str, ...]
+                  ) -> tuple[FileEntry, dict[str, HeaderTensor]]:
+    real = resolve_inside(root, name, allowed, f"file {name!r}")
+    st, header_len, tensors, meta = read_header_stat(real, name)
+    entry = FileEntry(name=name, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                      data_start=8 + header_len, metadata=MappingProxyType(dict(meta)))
+    return entry, tensors
+
+
+def _read_index(root: str, name: str, allowed: tuple[str, ...]) -> tuple[dict[str, str], dict]:
+    real = resolve_inside(root, name, allowed, f"index {name!r}")
+    fd, st = open_regular(real, name)
+    try:
+        if st.st_size > MAX_INDEX_BYTES:
+            raise CheckpointFormatError("The index file is too large", where=f"index {name!r}",
+                                        expected=f"at most {MAX_INDEX_BYTES} bytes",
+                                        got=f"{st.st_size} bytes")
+        raw = pread_exact(fd, st.st_size, 0, name)
+    finally:
+        os.close(fd)
+    return validate_index_json(raw, name)
+
+
+def _cross_check(index_name: str, weight_map: dict[str, str],
+                 headers: dict[str, dict[str, HeaderTensor]]) -> None:
+    """Every header tensor listed in the index under its own file, once; every listed one found."""
+    seen: dict[str, str] = {}
+    for file, tensors in headers.items():
+        for tname in tensors:
+            if tname in seen:
+                raise CheckpointFormatError(
+                    "A tensor is stored in two files", where=f"tensor {tname!r}",
+                    got=f"files {seen[tname]!r} and {file!r}",
+                    fix="remove the duplicate from one shard and re-save the checkpoint")
+            seen[tname] = file
+            listed = weight_map.get(tname)
+            if listed != file:
+                got = "not listed" if listed is None else f"listed under {listed!r}"
+                raise CheckpointFormatError(
+                    "A tensor in a shard's header does not match the index",
+                    where=f"file {file!r}, tensor {tname!r}, index {index_name!r}",
+                    expected=f"weight_map[{tname!r}] == {file!r}", got=got,
+                    fix="re-save the checkpoint to rebuild its index")
+    for tname, file in weight_map.items():
+        if tname not in seen:
+            raise CheckpointFormatError(
+                "A tensor listed in the index is missing from its shard",
+                where=f"file {file!r}, tensor {tname!r}, index {index_name!r}",
+                expected=f"tensor {tname!r} in the header of {file!r}", got="absent",
+                fix="re-download the shard or re-save the checkpoint")
+
+
+def _check_total_size(index_name: str, metadata: dict, total: int) -> None:
+    declared = metadata.get("total_size")
+    if declared is not None and declared != total:
+        raise CheckpointFormatError(
+            "The index's metadata.total_size does not match the shards' headers",
+            where=f"index {index_name!r}", expected=f"{total} (sum of tensor bytes)",
+            got=f"{declared}", fix=f"set metadata.total_size to {total} or remove it")
+
+
+def _build(root: str, files: list[FileEntry], headers: dict[str, dict[str, HeaderTensor]],
+           metadata: Mapping[str, object]) -> CheckpointIndex:
+    starts = {f.name: f.data_start for f in files}
+    tensors = [TensorEntry(name=n, file=file, dtype=t.dtype, shape=t.shape,
+                           offset=starts[file] + t.begin, length=t.end - t.begin)
+               for file, tmap in headers.items() for n, t in tmap.items()]
+    tensors.sort(key=lambda t: (t.file, t.offset, t.name))
+    files.sort(key=lambda f: f.name)
+    return CheckpointIndex(root=root, files=tuple(files), tensors=tuple(tensors),
+                           metadata=MappingProxyType(dict(metadata)))
+
+
+def _locate_path(path: str) -> tuple[str, str, str]:
+    """-> (root dir, mode "index"|"single", name) for a directory or a file path."""
+    if os.path.isdir(path):
+        found = locate_safetensors(path)
+        if found is None:
+            pickles = find_pickle_files(path)
+            if pickles:
+                raise PickleRefusedError(
+                    "The checkpoint holds only pickle weights", where=path, expected="*.safetensors",
+                    got=list(pickles[:5]),
+                    fix="convert it to safetensors, or load it with allow_pickle=True "
+                        "(read with torch.load(weights_only=True))")
+            raise CheckpointNotFoundError("No safetensors weights in the directory", where=path,
+                                          expected="model.safetensors or model.safetensors.index.json",
+                                          fix="point at a checkpoint directory or a .safetensors file")
+        return path, found[0], found[1]
+    if os.path.exists(path) or os.path.islink(path):
+        name = os.path.basename(path)
+        return os.path.dirname(path), ("index" if name.endswith(".index.json") else "single"), name
+    raise CheckpointNotFoundError("The checkpoint path does not exist", where=path,
+                                  fix="check the path, or pass a Hugging Face repo id to resolve_source")
+
+
+def load_index(path: str | os.PathLike, *, cache_root: str | None = None) -> CheckpointIndex:
+    """Read and validate a checkpoint's metadata -> :class:`CheckpointIndex`.
+
+    ``path`` is a directory (``model.safetensors.index.json``, a single ``model.safetensors`` or
+    exactly one ``*.safetensors``), a ``.safetensors`` / index file path, or an HF snapshot dir.
+    Files may be symlinks resolving inside the checkpoint dir or its HF cache root
+    (``models--*``, found from ``path`` or given as ``cache_root``). Reads only the index and
+    the headers. Called once, by the rank that plans (rank 0); not collective.
+    """
+    root, mode, name = _locate_path(os.path.abspath(os.fspath(path)))
+    cache_root = cache_root or find_hf_cache_root(root)
+    allowed = tuple(dict.fromkeys(os.path.realpath(d) for d in (root, cache_root) if d))
+    if mode == "single":
+        entry, tensors = _file_entries(root, name, allowed)
+        return _build(root, [entry], {name: tensors}, {})
+    weight_map, metadata = _read_index(root, name, allowed)
+    files: list[FileEntry] = []
+    headers: dict[str, dict[str, HeaderTensor]] = {}
+    for file in sorted(set(weight_map.values())):
+        entry, headers[file] = _file_entries(root, file, allowed)
+        files.append(entry)
+    _cross_check(name, weight_map, headers)
+    _check_total_size(name, metadata, sum(t.end - t.begin for h in headers.values() for t in h.values()))
+    return _build(root, files, headers, metadata)

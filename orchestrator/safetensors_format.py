@@ -1,0 +1,412 @@
+"""Strict parser and validator for safetensors headers and ``model.safetensors.index.json``.
+
+Called by :func:`orchestrator.checkpoint.load_index` (rank 0, or whoever builds the index) and by
+workers that need dtype facts (:data:`DTYPE_BITS`, :func:`torch_dtype`). Nothing here maps a file
+or reads tensor data: :func:`read_header` issues two bounded ``os.pread`` calls (the 8-byte
+length, then exactly the header) and never reads past ``8 + header length``.
+
+Everything read from disk is untrusted. A header must be: an 8-byte little-endian length of at
+most :data:`MAX_HEADER_BYTES`; UTF-8 JSON starting with ``{`` and holding one object without
+duplicate keys; ``__metadata__`` a str -> str object; every tensor ``{"dtype", "shape",
+"data_offsets"}`` with a known dtype, non-negative integer dims, ``end - begin == numel x
+itemsize``; offsets sorted, contiguous from 0, no gap or overlap, and the data region exactly as
+long as the file says. Any violation raises a :class:`~orchestrator.errors.WeightcastError`
+subclass naming the file (and tensor), the expected and the found value, and the fix.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.errors import CheckpointFormatError, StorageError, UnsafePathError
+
+MAX_HEADER_BYTES = 100_000_000
+"""Largest header safetensors accepts (its own limit)."""
+
+MAX_INDEX_BYTES = 100_000_000
+"""Largest ``*.safetensors.index.json`` accepted."""
+
+_MAX_DIM = 2**62  # far beyond any real tensor; keeps numel x bits inside 64-bit arithmetic
+
+_BASE_BITS: dict[str, int] = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64,
+}
+# Codes only newer safetensors releases know; kept when the installed one accepts them.
+_NEWER_BITS: dict[str, int] = {
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "C64": 64,
+}
+# torch dtypes that safetensors.torch._TYPES may not list (attribute names on the torch module).
+_EXTRA_TORCH = {"F8_E8M0": "float8_e8m0fnu", "C64": "complex64", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+                "F8_E5M2FNUZ": "float8_e5m2fnuz", "U16": "uint16", "U32": "uint32", "U64": "uint64"}
+
+_FIX_FILE = ("re-download the file or re-save it with safetensors "
+             "(safetensors.torch.save_file / save_pretrained)")
+_TENSOR_KEYS = frozenset(("dtype", "shape", "data_offsets"))
+
+
+def _installed_dtype_codes() -> frozenset[str] | None:
+    """The dtype codes the installed safetensors accepts, read from its own error message.
+
+    Probes ``safetensors.deserialize`` with an unknown code once (about a millisecond); returns
+    None when safetensors is missing or its message has another form.
+    """
+    try:
+        import safetensors
+        header = b'{"t":{"dtype":"??","shape":[0],"data_offsets":[0,0]}}'
+        safetensors.deserialize(len(header).to_bytes(8, "little") + header)
+    except ImportError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - the message is what we read
+        found = re.search(r"expected one of (.*?)(?: at line|$)", str(exc))
+        if found:
+            return frozenset(re.findall(r"`([A-Z0-9_]+)`", found.group(1)))
+    return None
+
+
+def _build_dtype_bits() -> dict[str, int]:
+    known = _installed_dtype_codes()
+    bits = dict(_BASE_BITS)
+    if known is not None:
+        bits.update({code: n for code, n in _NEWER_BITS.items() if code in known})
+    return bits
+
+
+DTYPE_BITS: dict[str, int] = _build_dtype_bits()
+"""safetensors dtype code -> bits per element (F4 = 4, F6_* = 6 when safetensors knows them)."""
+
+
+def dtype_itemsize_bytes(code: str) -> int:
+    """Bytes per element of a safetensors dtype code.
+
+    Raises CheckpointFormatError for unknown codes and for sub-byte dtypes (F4, F6_*), whose
+    sizes only make sense per tensor: use :func:`tensor_nbytes` for those.
+    """
+    bits = DTYPE_BITS.get(code)
+    if bits is None:
+        raise CheckpointFormatError(f"Unknown safetensors dtype {code!r}",
+                                    expected=f"one of {sorted(DTYPE_BITS)}", got=repr(code))
+    if bits % 8:
+        raise CheckpointFormatError(
+            f"dtype {code} has {bits} bits per element, not a whole number of bytes",
+            fix="use tensor_nbytes(code, shape) for sub-byte dtypes")
+    return bits // 8
+
+
+def tensor_nbytes(code: str, shape: tuple[int, ...] | list[int]) -> int:
+    """Bytes of a tensor of ``shape`` in dtype ``code`` (sub-byte dtypes must fill whole bytes)."""
+    bits = DTYPE_BITS.get(code)
+    if bits is None:
+        raise CheckpointFormatError(f"Unknown safetensors dtype {code!r}",
+                                    expected=f"one of {sorted(DTYPE_BITS)}", got=repr(code))
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    total = numel * bits
+    if total % 8:
+        raise CheckpointFormatError(f"A {code} tensor of shape {list(shape)} is not whole bytes",
+                                    got=f"{total} bits")
+    return total // 8
+
+
+def torch_dtype(code: str):
+    """The torch dtype of a safetensors dtype code (imports torch; workers call it).
+
+    Uses ``safetensors.torch._TYPES`` where available, then torch attributes for codes that
+    table lacks. Raises CheckpointFormatError when torch has no such dtype.
+    """
+    import torch
+    try:
+        from safetensors.torch import _TYPES as table
+    except ImportError:  # pragma: no cover - safetensors without its torch module
+        table = {}
+    found = table.get(code)
+    if found is None and code in _EXTRA_TORCH:
+        found = getattr(torch, _EXTRA_TORCH[code], None)
+    if found is None:
+        raise CheckpointFormatError(
+            f"safetensors dtype {code} has no torch equivalent in torch {torch.__version__}",
+            expected=f"one of {sorted(table)}", got=code,
+            fix="upgrade torch and safetensors, or convert the checkpoint to a supported dtype")
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderTensor:
+    """One tensor of a header; ``begin``/``end`` are relative to the data region (after 8 + N)."""
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _fail(what: str, file_name: str, tensor: str | None = None, *, expected: object = None,
+          got: object = None, fix: str | None = _FIX_FILE) -> CheckpointFormatError:
+    where = f"file {file_name!r}" + (f", tensor {tensor!r}" if tensor is not None else "")
+    return CheckpointFormatError(what, where=where, expected=expected, got=got, fix=fix)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _loads_strict(text: str) -> Any:
+    """json.loads rejecting duplicate keys and NaN/Infinity (raises _DuplicateKey / ValueError)."""
+    return json.loads(text, object_pairs_hook=_strict_object, parse_constant=_no_constants)
+
+
+def _decode_json(raw: bytes, file_name: str, what: str, *, brace_first: bool = True) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _fail(f"The {what} is not valid UTF-8", file_name, got=str(exc)) from None
+    if not (text if brace_first else text.lstrip(" \t\r\n")).startswith("{"):
+        raise _fail(f"The {what} is not a JSON object", file_name, expected="text starting with '{'",
+                    got=repr(text[:40]))
+    try:
+        return _loads_strict(text)
+    except _DuplicateKey as exc:
+        raise _fail(f"The {what} has a duplicate key", file_name, got=repr(exc.args[0])) from None
+    except (ValueError, RecursionError) as exc:
+        raise _fail(f"The {what} is not valid JSON", file_name, got=str(exc)[:200]) from None
+
+
+def _parse_metadata(value: Any, file_name: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if type(value) is not dict:
+        raise _fail("__metadata__ is not a JSON object", file_name, expected="{str: str}",
+                    got=type(value).__name__)
+    for key, item in value.items():
+        if type(item) is not str:
+            raise _fail("__metadata__ holds a non-string value", file_name,
+                        expected=f"a string for key {key!r}", got=f"{type(item).__name__} {item!r}"[:120])
+    return value
+
+
+def _parse_shape(shape: Any, file_name: str, name: str) -> tuple[int, ...]:
+    if type(shape) is not list:
+        raise _fail("Tensor shape is not a list", file_name, name, expected="a list of ints",
+                    got=repr(shape)[:80])
+    for dim in shape:
+        if type(dim) is not int or dim < 0 or dim > _MAX_DIM:
+            raise _fail("Tensor shape has an invalid dimension", file_name, name,
+                        expected=f"integers in [0, 2**62]", got=repr(shape)[:120])
+    return tuple(shape)
+
+
+def _parse_offsets(offsets: Any, file_name: str, name: str) -> tuple[int, int]:
+    if (type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int
+            or type(offsets[1]) is not int or not 0 <= offsets[0] <= offsets[1]):
+        raise _fail("Tensor data_offsets are invalid", file_name, name,
+                    expected="[begin, end] with integers 0 <= begin <= end", got=repr(offsets)[:120])
+    return offsets[0], offsets[1]
+
+
+def _parse_tensor(name: str, info: Any, file_name: str) -> HeaderTensor:
+    if type(info) is not dict or info.keys() != _TENSOR_KEYS:
+        got = sorted(info) if type(info) is dict else type(info).__name__
+        raise _fail("Tensor entry is malformed", file_name, name,
+                    expected='an object with exactly "dtype", "shape", "data_offsets"', got=got)
+    dtype = info["dtype"]
+    bits = DTYPE_BITS.get(dtype) if type(dtype) is str else None
+    if bits is None:
+        raise _fail("Unknown dtype", file_name, name, expected=f"one of {sorted(DTYPE_BITS)}",
+                    got=repr(dtype)[:80], fix="upgrade safetensors/weightcast or convert the tensor")
+    shape = _parse_shape(info["shape"], file_name, name)
+    begin, end = _parse_offsets(info["data_offsets"], file_name, name)
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    nbits = numel * bits
+    if nbits % 8 or end - begin != nbits // 8:
+        raise _fail("Tensor byte length does not match its dtype and shape", file_name, name,
+                    expected=f"end - begin = {nbits / 8:g} bytes for {dtype}{list(shape)}",
+                    got=f"data_offsets [{begin}, {end}] ({end - begin} bytes)")
+    return HeaderTensor(dtype, shape, begin, end)
+
+
+def _check_coverage(tensors: dict[str, HeaderTensor], file_name: str, data_size: int | None) -> None:
+    """Offsets sorted, contiguous from 0 (no gap, no overlap), data region exactly covered."""
+    expected = 0
+    for name, t in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if t.begin != expected:
+            what = "gap before" if t.begin > expected else "overlap at"
+            raise _fail(f"Tensor data is not contiguous ({what} this tensor)", file_name, name,
+                        expected=f"begin offset {expected}", got=f"{t.begin}")
+        expected = t.end
+    if data_size is not None and expected != data_size:
+        what = ("The file has trailing bytes after the last tensor" if data_size > expected
+                else "The file is shorter than its header says (truncated data)")
+        raise _fail(what, file_name, expected=f"{expected} data bytes after the header",
+                    got=f"{data_size} bytes")
+
+
+def parse_header_bytes(raw: bytes, file_name: str, *, data_size: int | None = None
+                       ) -> tuple[dict[str, HeaderTensor], dict[str, str]]:
+    """Validate the JSON header ``raw`` (the N bytes after the length) -> (tensors, __metadata__).
+
+    ``data_size`` (file size - 8 - N), when given, must equal the end of the last tensor.
+    Pure; called by :func:`read_header` and by property tests.
+    """
+    obj = _decode_json(raw, file_name, "safetensors header")
+    if type(obj) is not dict:
+        raise _fail("The safetensors header is not a JSON object", file_name, got=type(obj).__name__)
+    metadata = _parse_metadata(obj.pop("__metadata__", None), file_name)
+    tensors = {name: _parse_tensor(name, info, file_name) for name, info in obj.items()}
+    _check_coverage(tensors, file_name, data_size)
+    return tensors, metadata
+
+
+def pread_exact(fd: int, n: int, offset: int, file_name: str) -> bytes:
+    chunks: list[bytes] = []
+    got = 0
+    while got < n:
+        try:
+            chunk = os.pread(fd, n - got, offset + got)
+        except OSError as exc:
+            raise StorageError(f"Reading the header failed: {exc.strerror}", where=f"file {file_name!r}",
+                               fix="check the storage and the file's permissions") from exc
+        if not chunk:
+            raise _fail("The file ended inside its header (truncated)", file_name,
+                        expected=f"{n} bytes at offset {offset}", got=f"{got} bytes")
+        chunks.append(chunk)
+        got += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def read_header_fd(fd: int, file_name: str, file_size: int
+                   ) -> tuple[int, dict[str, HeaderTensor], dict[str, str]]:
+    """Read and validate the header of an open file of ``file_size`` bytes.
+
+    Reads exactly 8 bytes, then exactly the declared header; -> (N, tensors, __metadata__).
+    """
+    if file_size < 8:
+        raise _fail("The file is too short to hold a safetensors header length", file_name,
+                    expected="at least 8 bytes", got=f"{file_size} bytes")
+    header_len = int.from_bytes(pread_exact(fd, 8, 0, file_name), "little")
+    if header_len > MAX_HEADER_BYTES:
+        raise _fail("The declared header length is too large", file_name,
+                    expected=f"at most {MAX_HEADER_BYTES} bytes", got=f"{header_len} bytes")
+    if header_len > file_size - 8:
+        raise _fail("The declared header length runs past the end of the file", file_name,
+                    expected=f"at most {file_size - 8} bytes", got=f"{header_len} bytes")
+    raw = pread_exact(fd, header_len, 8, file_name)
+    tensors, metadata = parse_header_bytes(raw, file_name, data_size=file_size - 8 - header_len)
+    return header_len, tensors, metadata
+
+
+def open_regular(path: str, file_name: str) -> tuple[int, os.stat_result]:
+    """Open ``path`` read-only without blocking (FIFOs) and check it is a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        from orchestrator.errors import CheckpointNotFoundError
+        raise CheckpointNotFoundError("A checkpoint file does not exist", where=f"file {file_name!r}",
+                                      expected=f"a file at {path}",
+                                      fix="re-download the checkpoint or fix the index") from None
+    except OSError as exc:
+        raise StorageError(f"Cannot open a checkpoint file: {exc.strerror}", where=f"file {file_name!r}",
+                           fix="check the path and permissions") from exc
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise _fail("A checkpoint file is not a regular file", file_name, expected="a regular file",
+                    got=f"mode {stat.filemode(st.st_mode)}", fix="point at the real weight files")
+    return fd, st
+
+
+def read_header_stat(path: str | os.PathLike, file_name: str
+                     ) -> tuple[os.stat_result, int, dict[str, HeaderTensor], dict[str, str]]:
+    """Like :func:`read_header`, also returning the ``os.fstat`` of the file that was parsed."""
+    fd, st = open_regular(os.fspath(path), file_name)
+    try:
+        return (st, *read_header_fd(fd, file_name, st.st_size))
+    finally:
+        os.close(fd)
+
+
+def read_header(path: str | os.PathLike, file_name: str
+                ) -> tuple[int, dict[str, HeaderTensor], dict[str, str]]:
+    """Read and validate the header of the safetensors file at ``path``.
+
+    ``file_name`` is how messages name the file. -> (header length N, {name: HeaderTensor},
+    __metadata__); the data region starts at ``8 + N``.
+    """
+    return read_header_stat(path, file_name)[1:]
+
+
+def check_plain_name(name: Any, where: str) -> str:
+    """Check an index file name is a plain relative path (no '..', '.', '', absolute, backslash)."""
+    if type(name) is not str or not name:
+        raise UnsafePathError("A weight file name is not a non-empty string", where=where,
+                              got=repr(name)[:80], fix="fix the index's weight_map")
+    parts = name.split("/")
+    if (name.startswith("/") or "\\" in name or "\0" in name or re.match(r"^[A-Za-z]:", name)
+            or any(p in ("", ".", "..") for p in parts)):
+        raise UnsafePathError("A weight file name is not a plain relative name inside the checkpoint",
+                              where=where, expected="a name like 'model-00001-of-00002.safetensors'",
+                              got=repr(name)[:200], fix="fix the index's weight_map")
+    return name
+
+
+def _index_metadata(meta: Any, index_name: str) -> dict[str, Any]:
+    if meta is None:
+        return {}
+    if type(meta) is not dict:
+        raise _fail("The index's metadata is not a JSON object", index_name, got=type(meta).__name__,
+                    fix="fix or remove the index's metadata")
+    total = meta.get("total_size")
+    if total is not None:
+        if type(total) is float and total.is_integer():
+            meta["total_size"] = total = int(total)
+        if type(total) is not int or total < 0:
+            raise _fail("The index's metadata.total_size is not a non-negative integer", index_name,
+                        got=repr(total)[:80], fix="fix or remove metadata.total_size")
+    return meta
+
+
+def validate_index_json(raw: bytes, index_name: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """Validate the bytes of a ``*.safetensors.index.json`` -> (weight_map, metadata).
+
+    weight_map maps tensor names to plain relative file names; metadata is the index's
+    ``metadata`` object (``{}`` when absent). Cross-checks against headers happen in
+    :func:`orchestrator.checkpoint.load_index`.
+    """
+    obj = _decode_json(raw, index_name, "index JSON", brace_first=False)
+    if type(obj) is not dict:
+        raise _fail("The index is not a JSON object", index_name, got=type(obj).__name__)
+    weight_map = obj.get("weight_map")
+    if type(weight_map) is not dict or not weight_map:
+        raise _fail("The index has no weight_map (or it is empty)", index_name,
+                    expected='a non-empty object "weight_map": {tensor: file}',
+                    got=repr(weight_map)[:80], fix="re-save the checkpoint to rebuild its index")
+    for tensor, file in weight_map.items():
+        if type(file) is not str:
+            raise _fail("A weight_map value is not a file name", index_name, tensor,
+                        expected="a string", got=repr(file)[:80], fix="fix the index's weight_map")
+    for file in set(weight_map.values()):
+        check_plain_name(file, f"index {index_name!r}, weight_map")
+    return weight_map, _index_metadata(obj.get("metadata"), index_name)
