@@ -165,7 +165,14 @@ def _file_entries(root: str, name: str, allowed: tuple[str, ...]
     return entry, tensors
 
 
-def _read_index(root: str, name: str, allowed: tuple[str, ...]) -> tuple[dict[str, str], dict]:
+def allowed_dirs(root: str, cache_root: str | None = None) -> tuple[str, ...]:
+    """Real paths checkpoint files may resolve into: ``root`` and its HF cache root, if any."""
+    cache_root = cache_root or find_hf_cache_root(root)
+    return tuple(dict.fromkeys(os.path.realpath(d) for d in (root, cache_root) if d))
+
+
+def read_weight_map(root: str, name: str, allowed: tuple[str, ...]) -> tuple[dict[str, str], dict]:
+    """Read and validate the index ``root/name`` -> (weight_map, metadata); see allowed_dirs."""
     real = resolve_inside(root, name, allowed, f"index {name!r}")
     fd, st = open_regular(real, name)
     try:
@@ -262,12 +269,11 @@ def load_index(path: str | os.PathLike, *, cache_root: str | None = None) -> Che
     the headers. Called once, by the rank that plans (rank 0); not collective.
     """
     root, mode, name = _locate_path(os.path.abspath(os.fspath(path)))
-    cache_root = cache_root or find_hf_cache_root(root)
-    allowed = tuple(dict.fromkeys(os.path.realpath(d) for d in (root, cache_root) if d))
+    allowed = allowed_dirs(root, cache_root)
     if mode == "single":
         entry, tensors = _file_entries(root, name, allowed)
         return _build(root, [entry], {name: tensors}, {})
-    weight_map, metadata = _read_index(root, name, allowed)
+    weight_map, metadata = read_weight_map(root, name, allowed)
     files: list[FileEntry] = []
     headers: dict[str, dict[str, HeaderTensor]] = {}
     for file in sorted(set(weight_map.values())):
