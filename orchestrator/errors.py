@@ -88,3 +88,16 @@ class StorageError(WeightcastError, OSError):
 
 class LoadError(WeightcastError, RuntimeError):
     """A distributed load failed on some rank; raised on every rank, naming the failing one."""
+
+    @classmethod
+    def from_message(cls, type_name: str, message: str) -> "WeightcastError":
+        """Rebuild an error another process reported as (class name, message)."""
+        target = next((c for c in _all_subclasses(WeightcastError) if c.__name__ == type_name), cls)
+        return _rebuild(target, message, None)
+
+
+def _all_subclasses(base: type) -> list[type]:
+    out = []
+    for sub in base.__subclasses__():
+        out += [sub, *_all_subclasses(sub)]
+    return out

@@ -1,0 +1,63 @@
+"""Rank functions for :mod:`launch.local` and ``launch.torchrun``: load, verify, report.
+
+Each takes a JSON-able dict of options and returns a JSON-able dict (rank 0's includes the
+gathered report).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+LOAD_KEYS = ("revision", "cache_dir", "local_files_only", "device_map", "dtype", "tp_size", "cluster",
+             "transport", "allow_pickle", "trust_remote_code", "strict", "timeout", "bucket_bytes",
+             "chunk_bytes", "threads", "max_memory")
+
+
+def load_options(args: dict) -> dict:
+    """The load_pretrained keyword arguments found in ``args`` (None values dropped)."""
+    opts = {k: args[k] for k in LOAD_KEYS if args.get(k) is not None}
+    model = args.get("model", "none")
+    opts["model"] = None if model in (None, "none") else model
+    return opts
+
+
+def verify_owned(source_root: str, tensors: dict) -> list[str]:
+    """Names whose bytes differ from ``safetensors`` reading the same tensor (or slice)."""
+    import torch
+    from safetensors import safe_open
+    from orchestrator.checkpoint import load_index
+    index = load_index(source_root)
+    by_file: dict[str, list[str]] = {}
+    for name in tensors:
+        by_file.setdefault(index.tensor(name).file, []).append(name)
+    bad = []
+    slices = getattr(tensors, "slices", {})
+    for file, names in by_file.items():
+        with safe_open(os.path.join(index.root, file), framework="pt") as fh:
+            for name in names:
+                want = fh.get_tensor(name)
+                sl = slices.get(name)
+                if sl is not None:
+                    want = want.narrow(sl[0], sl[1], sl[2] - sl[1])
+                got = tensors[name]
+                if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(
+                        got.reshape(-1).view(torch.uint8), want.contiguous().reshape(-1).view(torch.uint8)):
+                    bad.append(name)
+    return bad
+
+
+def load_job(args: dict) -> dict:
+    """Load ``args["source"]`` on this rank; optionally verify bit for bit; return the report."""
+    from workers.api import load_pretrained
+    t0 = time.perf_counter()
+    result, report = load_pretrained(args["source"], return_report=True, **load_options(args))
+    out = {"rank": int(os.environ.get("RANK", 0)), "seconds": time.perf_counter() - t0}
+    if args.get("verify"):
+        if not isinstance(result, dict):
+            result = {k: v for k, v in result.state_dict().items() if not v.is_meta}
+        root = args.get("verify_root") or args["source"]
+        out["mismatches"] = verify_owned(root, result)
+        out["verified"] = len(result)
+    if out["rank"] == 0:
+        out["report"] = report
+    return out

@@ -1,0 +1,118 @@
+"""``load_pretrained``: the one public per-rank call.
+
+Every rank of the job calls it with the same arguments (collective). Rank 0 resolves the source,
+parses the index, builds the cluster-wide device map and the plan, and broadcasts it (or its
+error); every rank then reads its byte ranges, moves bytes per the plan's transport, and
+materializes what it owns. See the README for the arguments.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any, Callable
+
+import torch
+
+from orchestrator.errors import ConfigError, LoadError, WeightcastError
+from workers.coordinator import Group, coordinate, gather_facts, setup_group, sync_status, teardown_group
+from workers.execute import Job, execute_plan, plan_on_rank0
+from workers.report import LoadReport, PhaseClock, gather_reports, memory_now, summary
+
+TRANSPORTS = ("auto", "node-shared", "collective")
+
+
+def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str | None = None,
+                    local_files_only: bool | None = None, token: str | None = None,
+                    model: Any = "auto", device_map: Any = "replicate", dtype: Any = "auto",
+                    torch_dtype: Any = None, max_memory: dict | None = None, tp_size: int | None = None,
+                    cluster: Any = None, transport: str = "auto", allow_pickle: bool = False,
+                    trust_remote_code: bool = False, strict: bool = True, timeout: float = 300.0,
+                    bucket_bytes: int = 256 << 20, chunk_bytes: int = 64 << 20, threads: int = 4,
+                    progress: bool = True, return_report: bool = False, verify_checksums: bool = False,
+                    reader_factory: Callable | None = None) -> Any:
+    """Load ``source`` onto every rank of the job; returns this rank's model (or state dict).
+
+    Collective: every rank calls it with the same arguments. ``model``: ``"auto"`` (transformers
+    class from config.json), a factory returning an ``nn.Module`` (built on meta), an
+    ``nn.Module`` on meta, or ``None`` for a ``dict[str, Tensor]`` of what this rank owns.
+    ``device_map``: ``"replicate" | "auto" | "tp" | dict | ClusterDeviceMap | JSON path``.
+    ``dtype`` (alias ``torch_dtype``): ``"auto"``, a ``torch.dtype`` or its name.
+    ``transport``: ``"auto"`` (node-shared for CPU targets, collective for CUDA), or either.
+    With ``return_report=True`` returns ``(result, report)``, the report being the gathered
+    summary of every rank (same dict on every rank).
+    Any failure on any rank raises on every rank within ``timeout`` seconds.
+    """
+    if torch_dtype is not None:
+        if dtype not in ("auto", None, torch_dtype):
+            raise ConfigError("Both dtype and torch_dtype were given", expected="one of them",
+                              got=f"dtype={dtype!r}, torch_dtype={torch_dtype!r}", fix="pass only dtype")
+        dtype = torch_dtype
+    if transport not in TRANSPORTS:
+        raise ConfigError("Unknown transport", expected=f"one of {TRANSPORTS}", got=repr(transport))
+    job = Job(source=source, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+              token=token, model=model, device_map=device_map, dtype=dtype, max_memory=max_memory,
+              tp_size=tp_size, cluster=cluster, transport=transport, allow_pickle=allow_pickle,
+              trust_remote_code=trust_remote_code, strict=strict, bucket_bytes=bucket_bytes,
+              chunk_bytes=chunk_bytes, threads=threads, progress=progress,
+              verify_checksums=verify_checksums, reader_factory=reader_factory)
+    group = setup_group(timeout)
+    result, report = _load(group, job, return_report)
+    teardown_group(group)  # the default group stays: the model may need it (TP)
+    return (result, report) if return_report else result
+
+
+def _device_for(group: Group) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", group.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _load(group: Group, job: Job, want_report: bool) -> tuple[Any, dict | None]:
+    clock = PhaseClock()
+    device = _device_for(group)
+    mem = memory_now()
+    facts = {"rank": group.rank, "local_rank": group.local_rank, "host": group.node, "device": str(device),
+             "device_memory": _device_memory(device, mem), "host_memory": _host_memory()}
+    clock.start("plan")
+    all_facts = gather_facts(group, facts)
+    payload = coordinate(group, lambda: plan_on_rank0(job, all_facts, uuid.uuid4().hex[:12]))
+    clock.stop("plan")
+    result, stats, plan = execute_plan(group, job, payload, device, clock)
+    report = LoadReport(rank=group.rank, node=group.node, device=str(device), transport=payload["transport"])
+    report.read_bytes, report.recv_bytes, report.sent_bytes = stats.read_bytes, stats.recv_bytes, stats.sent_bytes
+    report.cross_node_sent, report.cross_node_recv = stats.cross_node_sent, stats.cross_node_recv
+    report.staged_bytes = stats.staged_bytes
+    report.owned_bytes = stats.owned_bytes
+    report.seconds = clock.elapsed()
+    report.phases = clock.phases
+    if not want_report:
+        return result, None
+    _touch(result)
+    report.__dict__.update(memory_now())
+    reports = gather_reports(group, report)
+    return result, summary(reports, payload["checkpoint_bytes"], max(r.seconds for r in reports))
+
+
+def _touch(result: Any) -> None:
+    """Read one byte per page of every tensor, so memory figures count what the load owns."""
+    tensors = result.values() if isinstance(result, dict) else list(result.state_dict().values())
+    for t in tensors:
+        if t.device.type == "cpu" and t.numel():
+            flat = t.reshape(-1)
+            b = flat.view(torch.uint8) if flat.is_contiguous() and flat.dtype != torch.bool else None
+            if b is not None:
+                b[::4096].sum()
+
+
+def _device_memory(device: torch.device, mem: dict) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return _host_memory()
+
+
+def _host_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0

@@ -1,0 +1,188 @@
+"""One load, step by step: rank 0 plans (:func:`plan_on_rank0`), every rank executes
+(:func:`execute_plan`): read + move (per transport), then materialize, each phase ending in a
+status exchange so a failure anywhere becomes the same error everywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from orchestrator.errors import ConfigError
+from orchestrator.planner import owned_of
+from workers.coordinator import Group, sync_status
+from workers.materialize import assign, build_skeleton, cast_tensors, resolve_dtype
+from workers.reader import FileReader
+from workers.report import PhaseClock
+from workers.transfer import TransferStats
+
+
+@dataclass
+class Job:
+    """The arguments of one ``load_pretrained`` call (identical on every rank)."""
+    source: str
+    revision: str | None = None
+    cache_dir: str | None = None
+    local_files_only: bool | None = None
+    token: str | None = None
+    model: Any = "auto"
+    device_map: Any = "replicate"
+    dtype: Any = "auto"
+    max_memory: dict | None = None
+    tp_size: int | None = None
+    cluster: Any = None
+    transport: str = "auto"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    strict: bool = True
+    bucket_bytes: int = 256 << 20
+    chunk_bytes: int = 64 << 20
+    threads: int = 4
+    progress: bool = True
+    verify_checksums: bool = False
+    reader_factory: Callable | None = None
+
+
+def _cluster(job: Job, facts: list[dict]):
+    from orchestrator.cluster import ClusterSpec, cluster_from_facts, load_cluster
+    if job.cluster is None:
+        return cluster_from_facts(facts)
+    spec = job.cluster if isinstance(job.cluster, ClusterSpec) else load_cluster(os.fspath(job.cluster))
+    if spec.world_size != len(facts):
+        raise ConfigError("The cluster spec does not match the job", where="cluster argument",
+                          expected=f"{len(facts)} ranks (the job's world size)", got=f"{spec.world_size} ranks",
+                          fix="pass a cluster spec with as many ranks as the job, or cluster=None to detect it")
+    return spec
+
+
+def _transport(job: Job, facts: list[dict]) -> str:
+    if job.transport != "auto":
+        return job.transport
+    return "collective" if any(f["device"].startswith("cuda") for f in facts) else "node-shared"
+
+
+def plan_on_rank0(job: Job, facts: list[dict], load_id: str) -> dict:
+    """Rank 0 only: resolve the source, parse the index, build the device map and the plan.
+    Returns the JSON-able payload every rank receives."""
+    from orchestrator.checkpoint import load_index
+    from orchestrator.device_map import build_device_map, device_map_to_json
+    from orchestrator.planner import PlanOptions, plan_load, plan_to_json
+    from orchestrator.source import resolve_source
+    src = resolve_source(job.source, revision=job.revision, cache_dir=job.cache_dir,
+                         local_files_only=job.local_files_only, token=job.token, allow_pickle=job.allow_pickle)
+    if src.kind == "pickle":
+        return {"kind": "pickle", "root": src.root, "files": list(src.weight_files), "config": src.config,
+                "transport": "pickle", "checkpoint_bytes": 0, "load_id": load_id}
+    _check_cache_files(src)
+    index = load_index(src.root, cache_root=src.cache_root)
+    cluster = _cluster(job, facts)
+    dm = build_device_map(index, cluster, job.device_map, max_memory=job.max_memory, tp_size=job.tp_size,
+                          config=src.config)
+    transport = _transport(job, facts)
+    options = PlanOptions(transport=transport, chunk_bytes=job.chunk_bytes, bucket_bytes=job.bucket_bytes)
+    plan = plan_load(index, cluster, dm, options)
+    return {"kind": "safetensors", "root": src.root, "config": src.config, "transport": transport,
+            "plan": plan_to_json(plan).decode(), "device_map": device_map_to_json(dm),
+            "checkpoint_bytes": index.total_bytes, "load_id": load_id}
+
+
+def _check_cache_files(src) -> None:
+    if not src.cache_root:
+        return
+    try:
+        from orchestrator.cache_doctor import check_snapshot_files
+    except ImportError:
+        return
+    check_snapshot_files(src.root, list(src.weight_files))
+
+
+def _phase(group: Group, clock: PhaseClock, name: str, fn: Callable[[], Any],
+           cleanup: Callable[[], None] | None = None) -> Any:
+    """Run one phase on this rank, then exchange status: every rank raises if any failed."""
+    clock.start(name)
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - reported to every rank by sync_status
+        error = exc
+    clock.stop(name)
+    try:
+        sync_status(group, name, error)
+    except BaseException:
+        if cleanup is not None:
+            cleanup()
+        raise
+    return result
+
+
+def execute_plan(group: Group, job: Job, payload: dict, device: torch.device, clock: PhaseClock):
+    """Every rank: read and move per the plan, then materialize (collective)."""
+    if payload["kind"] == "pickle":
+        from workers.pickle_load import load_pickle
+        tensors = _phase(group, clock, "read", lambda: load_pickle(payload, job, group))
+        stats, plan = TransferStats(read_bytes=0), None
+    else:
+        from orchestrator.planner import plan_from_json
+        plan = plan_from_json(payload["plan"].encode())
+        tensors, stats = _phase(group, clock, "transfer", lambda: _move(group, job, payload, plan, device),
+                                cleanup=lambda: _remove_areas(payload))
+    stats.owned_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    owned = owned_of(plan, group.rank) if plan is not None else ()
+    result = _phase(group, clock, "materialize", lambda: _materialize(group, job, payload, tensors, device, owned))
+    return result, stats, plan
+
+
+def _remove_areas(payload: dict) -> None:
+    from workers.staging import remove_areas
+    remove_areas(payload["load_id"])
+
+
+def _move(group: Group, job: Job, payload: dict, plan, device: torch.device):
+    root = payload["root"]
+    reader = job.reader_factory(root, plan.files) if job.reader_factory else FileReader(root, plan.files)
+    try:
+        if payload["transport"] == "node-shared":
+            from workers.staging import reclaim_stale, run_node_shared
+            if group.local_rank == 0:
+                reclaim_stale()
+            return run_node_shared(group, plan, root, reader, payload["load_id"], job.threads)
+        from workers.transfer import run_collective
+        return run_collective(group, plan, reader, device, job.threads)
+    finally:
+        reader.close()
+
+
+class OwnedTensors(dict):
+    """What this rank owns, ``name -> tensor``; ``slices[name]`` is ``(dim, start, stop)`` for a
+    shard (rows ``[start, stop)`` of the full tensor along ``dim``) or None for a whole tensor."""
+
+    def __init__(self, tensors: dict, owned: tuple = ()) -> None:
+        super().__init__(tensors)
+        self.slices = {o.name: (None if o.dim is None else (o.dim, o.start, o.stop)) for o in owned}
+        self.full_shapes = {o.name: tuple(o.shape) for o in owned}
+
+
+def _materialize(group: Group, job: Job, payload: dict, tensors: dict, device: torch.device,
+                 plan_owned: tuple = ()):
+    dtype = resolve_dtype(job.dtype, payload.get("config"))
+    tensors = cast_tensors(tensors, dtype)
+    if job.model is None:
+        return OwnedTensors(tensors, plan_owned)
+    dm = json.loads(payload["device_map"]) if payload.get("device_map") else {}
+    if dm.get("strategy") == "tp":
+        from workers.tp import materialize_tp
+        return materialize_tp(job, payload, tensors, device, group)
+    module = build_skeleton(job.model, payload.get("config"), job.trust_remote_code)
+    strict = job.strict and dm.get("strategy") in (None, "replicate")
+    module = assign(module, tensors, strict=strict, device=device)
+    if dm.get("strategy") not in (None, "replicate"):
+        _set_hf_device_map(module, payload, group.rank)
+    return module
+
+
+def _set_hf_device_map(module, payload: dict, rank: int) -> None:
+    from orchestrator.device_map import device_map_from_json, hf_device_map
+    module.hf_device_map = hf_device_map(device_map_from_json(payload["device_map"]), rank)

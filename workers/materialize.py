@@ -1,0 +1,143 @@
+"""Materialization: a model skeleton on the meta device, filled with the loaded tensors.
+
+The skeleton is built with ``accelerate.init_empty_weights(include_buffers=False)`` (parameters
+on meta, non-persistent buffers such as rotary ``inv_freq`` computed for real, as
+``from_pretrained`` computes them) and weight initialisation disabled; the received tensors are
+assigned with ``load_state_dict(assign=True)``, cast to the requested dtype, moved to the rank's
+device, tied weights re-tied, and missing / unexpected keys reported. No parameter is ever
+random-initialised or allocated twice. Not collective: each rank materializes its own part.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+
+from orchestrator.errors import ConfigError, ModelMismatchError, RemoteCodeRefusedError
+
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
+}
+
+
+def resolve_dtype(dtype: Any, config: dict | None) -> torch.dtype | None:
+    """The dtype floating tensors are cast to (None: keep the checkpoint's).
+
+    ``"auto"`` takes ``dtype`` (or the older ``torch_dtype``) from config.json when present.
+    """
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        name = (config or {}).get("dtype") or (config or {}).get("torch_dtype")
+        return _DTYPE_NAMES.get(str(name).replace("torch.", "")) if name else None
+    key = str(dtype).replace("torch.", "")
+    if key not in _DTYPE_NAMES:
+        raise ConfigError("Unknown dtype", where="dtype argument", expected=f"'auto' or one of {sorted(_DTYPE_NAMES)}",
+                          got=repr(dtype), fix="pass dtype='auto', 'bfloat16', 'float16' or a torch.dtype")
+    return _DTYPE_NAMES[key]
+
+
+def cast_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Cast floating tensors to ``dtype`` (a private copy only where the dtype changes)."""
+    if dtype is None:
+        return tensors
+    return {k: (v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v) for k, v in tensors.items()}
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Weight initialisation disabled (transformers' own switch when available)."""
+    ctx = contextlib.nullcontext()
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+        ctx = no_init_weights()
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+            ctx = no_init_weights()
+        except ImportError:
+            pass
+    with ctx:
+        yield
+
+
+def build_skeleton(model: Any, config: dict | None, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A model whose parameters are on the meta device: from ``"auto"`` (transformers, from
+    config.json), a factory callable, or a module already on meta."""
+    from accelerate import init_empty_weights
+    if isinstance(model, torch.nn.Module):
+        return model
+    with init_empty_weights(include_buffers=False), _no_init():
+        if callable(model):
+            return model()
+        if model == "auto":
+            return _auto_model(config, trust_remote_code)
+    raise ConfigError("Unknown model argument", where="load_pretrained(model=...)",
+                      expected="'auto', a callable returning an nn.Module, an nn.Module on meta, or None",
+                      got=repr(model))
+
+
+def _auto_model(config: dict | None, trust_remote_code: bool) -> torch.nn.Module:
+    if not config:
+        raise ConfigError("model='auto' needs a config.json in the checkpoint", where="checkpoint directory",
+                          fix="pass model=<factory> or model=None for a state dict")
+    if config.get("auto_map") and not trust_remote_code:
+        raise RemoteCodeRefusedError("config.json asks for remote code (auto_map)", where="config.json",
+                                     got=f"auto_map={config['auto_map']!r}",
+                                     fix="review that code and pass trust_remote_code=True, or pass model=<factory>")
+    try:
+        import transformers
+        from transformers import AutoConfig
+    except ImportError as exc:
+        raise ConfigError("model='auto' needs transformers", fix="pip install 'weightcast[hf]'") from exc
+    cfg = dict(config)
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise ConfigError("config.json has no model_type", where="config.json", fix="pass model=<factory>")
+    hf_config = AutoConfig.for_model(model_type, **cfg)
+    archs = cfg.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        cls = transformers.AutoModel._model_mapping[type(hf_config)]
+    return cls(hf_config)
+
+
+def assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *, strict: bool,
+           device: torch.device) -> torch.nn.Module:
+    """Assign ``tensors`` into the meta skeleton, re-tie tied weights, check keys, move to
+    ``device``. Raises ModelMismatchError for shape mismatches and (strict) missing or
+    unexpected keys."""
+    expected = module.state_dict(keep_vars=True)
+    for name, t in tensors.items():
+        if name in expected and tuple(expected[name].shape) != tuple(t.shape):
+            raise ModelMismatchError("A checkpoint tensor does not fit the model", where=f"tensor {name}",
+                                     expected=f"shape {tuple(expected[name].shape)}", got=f"shape {tuple(t.shape)}",
+                                     fix="check that the checkpoint and config.json belong together")
+    result = module.load_state_dict(tensors, strict=False, assign=True)
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+    missing = [k for k, v in module.state_dict(keep_vars=True).items() if v.is_meta]
+    unexpected = list(result.unexpected_keys)
+    if strict and (missing or unexpected):
+        raise ModelMismatchError("The checkpoint does not match the model",
+                                 where=f"{len(missing)} missing, {len(unexpected)} unexpected keys",
+                                 expected=f"no missing keys (missing: {missing[:10]})",
+                                 got=f"unexpected keys: {unexpected[:10]}",
+                                 fix="use the matching config / model class, or pass strict=False")
+    if device.type != "cpu":
+        module.to(device)
+    return module
+
+
+def guard_no_init(fn: Callable) -> Callable:
+    """Decorator for tests and debugging: raise if ``fn`` runs on a non-meta tensor."""
+    def wrapped(tensor, *args, **kwargs):
+        if isinstance(tensor, torch.Tensor) and not tensor.is_meta:
+            raise AssertionError(f"{fn.__name__} ran on a real tensor of shape {tuple(tensor.shape)}")
+        return fn(tensor, *args, **kwargs)
+    return wrapped

@@ -1,0 +1,168 @@
+"""Reading checkpoint bytes from storage.
+
+``StorageReader`` is the one interface: ``read_into(file, offset, dest)`` fills ``dest`` (a
+writable buffer) with exactly ``len(dest)`` bytes of ``file`` starting at ``offset``, or raises
+:class:`StorageError`. ``FileReader`` is the real one (``os.preadv`` in large requests, files
+checked against the size and mtime the plan recorded); ``FakeReader`` wraps another reader and
+injects faults (errors, short reads, delays) for tests. Every reader counts the bytes it read.
+
+Readers are per rank and not collective; a reader may be used from several threads.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable, Protocol
+
+from orchestrator.errors import StorageError, UnsafePathError
+from orchestrator.planner import FileStamp
+
+MAX_REQUEST = 16 << 20  # one preadv call reads at most this much
+
+
+class StorageReader(Protocol):
+    bytes_read: int
+
+    def read_into(self, file: str, offset: int, dest: memoryview) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _check_name(root: str, file: str) -> str:
+    if not file or "/" in file or "\\" in file or file in (".", "..") or "\0" in file:
+        raise UnsafePathError("Refusing to read a file outside the checkpoint",
+                              where=f"file {file!r} in {root}",
+                              expected="a plain file name inside the checkpoint directory",
+                              fix="check the plan and the index's weight_map")
+    return os.path.join(root, file)
+
+
+class FileReader:
+    """Reads files of one checkpoint directory with ``os.preadv``.
+
+    ``stamps`` (from the plan) are checked when a file is first opened: a file whose size or
+    mtime changed since planning is a :class:`StorageError`, never a silent mix of versions.
+    """
+
+    def __init__(self, root: str, stamps: Iterable[FileStamp] = ()) -> None:
+        self.root = root
+        self.stamps = {s.name: s for s in stamps}
+        self.bytes_read = 0
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, file: str) -> int:
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                path = _check_name(self.root, file)
+                try:
+                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError as exc:
+                    raise StorageError("Cannot open a checkpoint file", where=path,
+                                       got=exc.strerror, fix="check the path and permissions") from exc
+                check_stamp(path, os.fstat(fd), self.stamps.get(file))
+                self._fds[file] = fd
+            return fd
+
+    def read_into(self, file: str, offset: int, dest: memoryview) -> None:
+        fd = self._fd(file)
+        view = memoryview(dest).cast("B")
+        done = 0
+        while done < len(view):
+            part = view[done:done + MAX_REQUEST]
+            try:
+                n = os.preadv(fd, [part], offset + done)
+            except OSError as exc:
+                raise StorageError("Reading a checkpoint file failed", where=f"{file} at byte {offset + done}",
+                                   got=exc.strerror, fix="check the storage; retry the load") from exc
+            if n <= 0:
+                raise StorageError("Short read: the file ended early", where=f"{file} at byte {offset + done}",
+                                   expected=f"{len(view) - done} more bytes", got="end of file",
+                                   fix="the file was truncated or replaced during the load; reload it")
+            done += n
+        with self._lock:
+            self.bytes_read += done
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def check_stamp(path: str, st: os.stat_result, stamp: FileStamp | None) -> None:
+    """Raise StorageError if the file's size or mtime differ from what the plan recorded."""
+    if stamp is None:
+        return
+    if st.st_size != stamp.size or st.st_mtime_ns != stamp.mtime_ns:
+        raise StorageError("A checkpoint file changed between planning and reading", where=path,
+                           expected=f"size {stamp.size}, mtime_ns {stamp.mtime_ns}",
+                           got=f"size {st.st_size}, mtime_ns {st.st_mtime_ns}",
+                           fix="do not modify a checkpoint while it is loaded; run the load again")
+
+
+class FakeReader:
+    """A reader for tests: wraps a real reader (or an in-memory ``{file: bytes}``) and injects
+    faults. ``fail`` maps a file name (or ``"*"``) to an exception to raise; ``short`` makes
+    reads of those files return fewer bytes (reported as a short read); ``delay`` seconds are
+    slept before every read. ``requests`` records every (file, offset, length) asked for."""
+
+    def __init__(self, inner: StorageReader | dict[str, bytes], *, fail: dict[str, BaseException] | None = None,
+                 short: Iterable[str] = (), delay: float = 0.0) -> None:
+        self.inner = inner
+        self.fail = dict(fail or {})
+        self.short = set(short)
+        self.delay = delay
+        self.requests: list[tuple[str, int, int]] = []
+        self.bytes_read = 0
+
+    def read_into(self, file: str, offset: int, dest: memoryview) -> None:
+        view = memoryview(dest).cast("B")
+        self.requests.append((file, offset, len(view)))
+        if self.delay:
+            time.sleep(self.delay)
+        exc = self.fail.get(file) or self.fail.get("*")
+        if exc is not None:
+            raise exc
+        if file in self.short or "*" in self.short:
+            raise StorageError("Short read: the file ended early", where=f"{file} at byte {offset}",
+                               expected=f"{len(view)} bytes", got="fewer bytes",
+                               fix="the file was truncated or replaced during the load; reload it")
+        if isinstance(self.inner, dict):
+            data = self.inner[file][offset:offset + len(view)]
+            if len(data) != len(view):
+                raise StorageError("Short read", where=f"{file} at byte {offset}",
+                                   expected=f"{len(view)} bytes", got=f"{len(data)} bytes")
+            view[:] = data
+        else:
+            self.inner.read_into(file, offset, view)
+        self.bytes_read += len(view)
+
+    def close(self) -> None:
+        if not isinstance(self.inner, dict):
+            self.inner.close()
+
+
+class ReadPool:
+    """A few threads issuing large reads; ``submit`` returns a Future per request.
+
+    Used by one rank for its own ReadItems, so reading bucket k+1 overlaps moving bucket k.
+    """
+
+    def __init__(self, reader: StorageReader, threads: int = 4) -> None:
+        self.reader = reader
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="weightcast-read")
+
+    def submit(self, file: str, offset: int, dest: memoryview,
+               then: Callable[[], None] | None = None) -> Future:
+        def job() -> None:
+            self.reader.read_into(file, offset, dest)
+            if then is not None:
+                then()
+        return self._pool.submit(job)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
