@@ -376,3 +376,31 @@ def test_compare_snapshots_names_the_node_that_differs(cache):
     missing = dict(facts, node=1, files={})
     with pytest.raises(CacheError, match=f"{MODEL} missing"):
         doctor.compare_snapshots([same[0], missing])
+
+
+# --- through load_pretrained --------------------------------------------------------------------
+
+@pytest.mark.parametrize("defect", ["text", "dangling"])
+def test_load_pretrained_on_a_broken_cache_names_the_file_and_the_next_step(cache, defect):
+    from workers.api import load_pretrained
+
+    (make_text_link if defect == "text" else make_dangling)(cache, MODEL)
+    with pytest.raises(CacheError) as err:
+        load_pretrained(cache.repo_id, cache_dir=cache.cache_dir, model=None, progress=False, timeout=60)
+    msg = str(err.value)
+    assert MODEL in msg and f"weightcast cache verify {cache.snapshot_dir}" in msg
+    assert "header" not in msg and "JSON" not in msg
+
+
+def test_load_pretrained_after_repair_is_bit_exact(cache):
+    from workers.api import load_pretrained
+
+    make_plain_copy(cache, MODEL)
+    make_text_link(cache, "config.json")
+    write_ref(cache, "main", cache.commit + "\n")
+    doctor.repair_cache(cache.repo_id, cache_dir=cache.cache_dir)
+    state = load_pretrained(cache.repo_id, cache_dir=cache.cache_dir, model=None, progress=False, timeout=60)
+    _, expected = tiny_safetensors()
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert state[name].dtype == tensor.dtype and torch.equal(state[name], tensor), name
