@@ -15,6 +15,7 @@ Who calls what:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -115,9 +116,7 @@ class CacheReport:
 
     def to_json(self) -> dict:
         def item(x: FileStatus | RefStatus) -> dict:
-            d = {k: getattr(x, k) for k in x.__slots__}
-            d["problems"], d["status"] = list(x.problems), x.status
-            return d
+            return dict(dataclasses.asdict(x), status=x.status)
         return {"repo_dir": self.repo_dir, "repo_id": self.repo_id, "revision": self.revision,
                 "commit": self.commit, "loadable": self.loadable, "issues": list(self.issues),
                 "problems": list(self.problems), "files": [item(f) for f in self.files],
@@ -144,7 +143,7 @@ def _default_cache_dir() -> str:
 
 def _locate(source: str, cache_dir: str | None, revision: str | None) -> tuple[str, str | None, str | None]:
     """-> (repo_dir, revision, commit given by a snapshot path)."""
-    if os.path.isdir(source):
+    if os.path.lexists(source):
         snap = _snapshot_root(source)
         if snap:
             return snap[0], None, snap[1]
@@ -152,7 +151,7 @@ def _locate(source: str, cache_dir: str | None, revision: str | None) -> tuple[s
             return os.path.abspath(source), revision or "main", None
         raise CacheError("Not a Hugging Face cache repo or snapshot", where=source,
                          expected="a repo id, <cache>/models--org--name or .../snapshots/<commit>",
-                         got="a plain directory", fix="pass the repo id with --cache-dir")
+                         got="a path outside any cache", fix="pass the repo id with --cache-dir")
     cache_dir = cache_dir or _default_cache_dir()
     repo_dir = os.path.join(os.path.abspath(cache_dir), "models--" + source.replace("/", "--"))
     if not os.path.isdir(repo_dir):
@@ -276,8 +275,12 @@ def _read_refs(repo_dir: str, modes: ModeCheck) -> tuple[RefStatus, ...]:
     out = []
     for name in walk_snapshot(refs_dir) if os.path.isdir(refs_dir) else []:
         path = os.path.join(refs_dir, name)
-        with open(path, "rb") as f:
-            raw = f.read().decode("utf-8", "replace")
+        try:
+            with open(path, "rb") as f:
+                raw = f.read().decode("utf-8", "replace")
+        except OSError as exc:
+            out.append(RefStatus(name, "", (UNREADABLE,), f"cannot be read: {exc.strerror}"))
+            continue
         commit, problems, notes = raw.strip(), [], []
         if raw != commit:
             problems.append(REF_WHITESPACE)
@@ -327,7 +330,8 @@ def verify_cache(source: str, *, cache_dir: str | None = None, revision: str | N
     if commit is None:
         commit, issues = _resolve_commit(repo_dir, revision, refs)
     snap = os.path.join(repo_dir, "snapshots", commit or "-")
-    files = tuple(_inspect_file(snap, n, modes, check_hash) for n in walk_snapshot(snap)) if os.path.isdir(snap) else ()
+    names = walk_snapshot(snap) if os.path.isdir(snap) else []
+    files = tuple(_inspect_file(snap, name, modes, check_hash) for name in names)
     return CacheReport(repo_dir, revision, commit, files, refs, tuple(issues))
 
 

@@ -113,6 +113,7 @@ def test_snapshot_path_source_and_json(cache, capsys):
     sub = os.path.join(cache.snapshot_dir, "nested")
     os.makedirs(sub)
     assert doctor.verify_cache(sub).commit == cache.commit  # a folder inside a snapshot
+    assert doctor.verify_cache(cache.path(MODEL)).commit == cache.commit  # a file of a snapshot
 
 
 def test_default_cache_dir_comes_from_hf_hub_cache(cache):
