@@ -405,3 +405,15 @@ def test_load_pretrained_after_repair_is_bit_exact(cache):
     assert state.keys() == expected.keys()
     for name, tensor in expected.items():
         assert state[name].dtype == tensor.dtype and torch.equal(state[name], tensor), name
+
+
+def test_a_cache_copied_with_cp_rL_is_repaired_to_one_copy_per_blob(cache, tmp_path, capsys):
+    import shutil
+
+    moved = HFCache(str(tmp_path / "cluster-hub"), cache.repo_id,
+                    str(tmp_path / "cluster-hub" / os.path.basename(cache.repo_dir)), cache.commit, cache.blobs)
+    shutil.copytree(cache.cache_dir, moved.cache_dir, symlinks=False)  # what `cp -rL` / `scp -r` do
+    assert set(statuses(moved).values()) == {"plain-copy"}
+    code, out = repair_cli(capsys, moved)
+    assert code == 0 and out.count("linked") == 2 and "identical" in out
+    assert_healthy(moved)
