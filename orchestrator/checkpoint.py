@@ -198,14 +198,15 @@ def _cross_check(index_name: str, weight_map: dict[str, str],
                     got=f"files {seen[tname]!r} and {file!r}",
                     fix="remove the duplicate from one shard and re-save the checkpoint")
             seen[tname] = file
-            listed = weight_map.get(tname)
-            if listed != file:
-                got = "not listed" if listed is None else f"listed under {listed!r}"
-                raise CheckpointFormatError(
-                    "A tensor in a shard's header does not match the index",
-                    where=f"file {file!r}, tensor {tname!r}, index {index_name!r}",
-                    expected=f"weight_map[{tname!r}] == {file!r}", got=got,
-                    fix="re-save the checkpoint to rebuild its index")
+    for tname, file in seen.items():
+        listed = weight_map.get(tname)
+        if listed != file:
+            got = "not listed" if listed is None else f"listed under {listed!r}"
+            raise CheckpointFormatError(
+                "A tensor in a shard's header does not match the index",
+                where=f"file {file!r}, tensor {tname!r}, index {index_name!r}",
+                expected=f"weight_map[{tname!r}] == {file!r}", got=got,
+                fix="re-save the checkpoint to rebuild its index")
     for tname, file in weight_map.items():
         if tname not in seen:
             raise CheckpointFormatError(
