@@ -1,0 +1,132 @@
+"""LoadPlan <-> compact JSON bytes (the blob rank 0 broadcasts; see DESIGN step 5).
+
+Called through :func:`orchestrator.planner.plan_to_json` / ``plan_from_json``. Deterministic:
+sorted keys, no whitespace, only ints and strings, so equal plans give equal bytes. Compact:
+tensor names, rank sets (as runs ``[start, stop, start, stop, ...]``) and files are tables that
+rows, chunks, reads and transfers refer to by index; columns instead of objects.
+"""
+from __future__ import annotations
+
+import json
+
+from orchestrator.errors import PlanError
+from orchestrator.planner import (Chunk, FileStamp, LoadPlan, OwnedRow, OwnedTable, PlanOptions,
+                                  ReadItem, TransferItem, owned_table)
+
+FORMAT = "weightcast-plan"
+VERSION = 1
+KINDS = ("broadcast", "send", "scatter", "hop")
+
+
+def _runs(ranks: tuple[int, ...]) -> list[int]:
+    out: list[int] = []
+    for r in ranks:
+        if out and out[-1] == r:
+            out[-1] = r + 1
+        else:
+            out += [r, r + 1]
+    return out
+
+
+def _unruns(runs: list[int]) -> tuple[int, ...]:
+    return tuple(r for i in range(0, len(runs), 2) for r in range(runs[i], runs[i + 1]))
+
+
+class _Table:
+    """Values -> dense indices, in first-seen order."""
+
+    def __init__(self) -> None:
+        self.index: dict = {}
+
+    def __call__(self, value) -> int:  # type: ignore[no-untyped-def]
+        got = self.index.get(value)
+        if got is None:
+            got = self.index[value] = len(self.index)
+        return got
+
+
+def encode(plan: LoadPlan) -> bytes:
+    table = owned_table(plan)
+    sets, tensors, files = _Table(), _Table(), _Table()
+    for f in plan.files:
+        files(f.name)
+    tensor_meta: dict[str, list] = {}
+    owned = []
+    for row in table.rows:
+        tensor_meta.setdefault(row.name, [row.dtype, list(row.shape)])
+        owned.append([tensors(row.name), row.dim, row.start, row.stop, row.device, sets(row.ranks)])
+    cs = plan.chunks
+    chunks = {"tensor": [tensors(c.tensor) for c in cs], "file": [files(c.file) for c in cs],
+              "offset": [c.offset for c in cs], "length": [c.length for c in cs],
+              "tensor_offset": [c.tensor_offset for c in cs], "reader": [c.reader for c in cs],
+              "consumers": [sets(c.consumers) for c in cs]}
+    rs = plan.reads
+    reads = {"rank": [r.rank for r in rs], "file": [files(r.file) for r in rs],
+             "offset": [r.offset for r in rs], "length": [r.length for r in rs],
+             "chunks": [list(r.chunks) for r in rs]}
+    ts = plan.transfers
+    transfers = {"kind": [KINDS.index(t.kind) for t in ts], "src": [t.src for t in ts],
+                 "dsts": [sets(t.dsts) for t in ts], "chunks": [list(t.chunks) for t in ts],
+                 "bucket": [t.bucket for t in ts], "step": [t.step for t in ts],
+                 "round": [t.round for t in ts]}
+    o = plan.options
+    doc = {
+        "format": FORMAT, "version": VERSION, "world_size": plan.world_size,
+        "nodes": [[n, list(r)] for n, r in plan.nodes], "storage": plan.storage,
+        "options": {"transport": o.transport, "chunk_bytes": o.chunk_bytes,
+                    "bucket_bytes": o.bucket_bytes, "gap_bytes": o.gap_bytes},
+        "files": [[f.name, f.size, f.mtime_ns] for f in plan.files],
+        "file_names": list(files.index), "devices": list(table.devices),
+        "rank_sets": [_runs(s) for s in sets.index],
+        "tensors": [[name] + tensor_meta.get(name, [None, None]) for name in tensors.index],
+        "owned": owned, "chunks": chunks, "reads": reads, "transfers": transfers,
+        "checkpoint_bytes": plan.checkpoint_bytes, "needed_bytes": plan.needed_bytes,
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def decode(data: bytes) -> LoadPlan:
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PlanError("the plan blob is not JSON", got=str(exc)[:200]) from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        raise PlanError("not a weightcast plan of this version",
+                        expected=f"{FORMAT} version {VERSION}",
+                        got=(doc.get("format"), doc.get("version")) if isinstance(doc, dict)
+                        else type(doc).__name__,
+                        fix="use the same weightcast version on every rank")
+    try:
+        return _decode(doc)
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise PlanError("the plan blob is inconsistent", got=f"{type(exc).__name__}: {exc}",
+                        fix="use the same weightcast version on every rank") from None
+
+
+def _decode(doc: dict) -> LoadPlan:
+    sets = [_unruns(r) for r in doc["rank_sets"]]
+    names = doc["file_names"]
+    tensors = doc["tensors"]
+    rows = [OwnedRow(tensors[t][0], tensors[t][1], tuple(tensors[t][2]), dim, start, stop, dev,
+                     sets[s]) for t, dim, start, stop, dev, s in doc["owned"]]
+    c = doc["chunks"]
+    chunks = tuple(Chunk(i, tensors[t][0], names[f], off, n, toff, rd, sets[s])
+                   for i, (t, f, off, n, toff, rd, s) in enumerate(zip(
+                       c["tensor"], c["file"], c["offset"], c["length"], c["tensor_offset"],
+                       c["reader"], c["consumers"], strict=True)))
+    r = doc["reads"]
+    reads = tuple(ReadItem(rank, names[f], off, n, tuple(ids)) for rank, f, off, n, ids in zip(
+        r["rank"], r["file"], r["offset"], r["length"], r["chunks"], strict=True))
+    t = doc["transfers"]
+    transfers = tuple(TransferItem(KINDS[k], src, sets[d], tuple(ids), b, s, rnd)
+                      for k, src, d, ids, b, s, rnd in zip(
+                          t["kind"], t["src"], t["dsts"], t["chunks"], t["bucket"], t["step"],
+                          t["round"], strict=True))
+    devices = tuple(doc["devices"])
+    return LoadPlan(
+        world_size=doc["world_size"], nodes=tuple((n, tuple(rk)) for n, rk in doc["nodes"]),
+        storage=doc["storage"], options=PlanOptions(**doc["options"]),
+        files=tuple(FileStamp(*f) for f in doc["files"]), owned=OwnedTable(rows, devices),
+        chunks=chunks, reads=reads, transfers=transfers,
+        checkpoint_bytes=doc["checkpoint_bytes"], needed_bytes=doc["needed_bytes"],
+        devices=devices)
