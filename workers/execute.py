@@ -4,7 +4,6 @@ status exchange so a failure anywhere becomes the same error everywhere.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -171,18 +170,14 @@ def _materialize(group: Group, job: Job, payload: dict, tensors: dict, device: t
     tensors = cast_tensors(tensors, dtype)
     if job.model is None:
         return OwnedTensors(tensors, plan_owned)
-    dm = json.loads(payload["device_map"]) if payload.get("device_map") else {}
-    if dm.get("strategy") == "tp":
+    from orchestrator.device_map import device_map_from_json, hf_device_map
+    dm = device_map_from_json(payload["device_map"])
+    if dm.strategy == "tp":
         from workers.tp import materialize_tp
         return materialize_tp(job, payload, tensors, device, group)
     module = build_skeleton(job.model, payload.get("config"), job.trust_remote_code)
-    strict = job.strict and dm.get("strategy") in (None, "replicate")
-    module = assign(module, tensors, strict=strict, device=device)
-    if dm.get("strategy") not in (None, "replicate"):
-        _set_hf_device_map(module, payload, group.rank)
+    whole_model = dm.strategy == "replicate"
+    module = assign(module, tensors, strict=job.strict and whole_model, device=device)
+    if not whole_model:
+        module.hf_device_map = hf_device_map(dm, group.rank)
     return module
-
-
-def _set_hf_device_map(module, payload: dict, rank: int) -> None:
-    from orchestrator.device_map import device_map_from_json, hf_device_map
-    module.hf_device_map = hf_device_map(device_map_from_json(payload["device_map"]), rank)
