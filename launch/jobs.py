@@ -16,9 +16,18 @@ LOAD_KEYS = ("revision", "cache_dir", "local_files_only", "device_map", "dtype",
 def load_options(args: dict) -> dict:
     """The load_pretrained keyword arguments found in ``args`` (None values dropped)."""
     opts = {k: args[k] for k in LOAD_KEYS if args.get(k) is not None}
+    for key in ("reader_factory", "phase_hook"):  # "module:function" names, for fault injection
+        if args.get(key):
+            opts[key] = _import(args[key])
     model = args.get("model", "none")
     opts["model"] = None if model in (None, "none") else model
     return opts
+
+
+def _import(spec: str):
+    import importlib
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def verify_owned(source_root: str, tensors: dict) -> list[str]:

@@ -30,7 +30,8 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
                     trust_remote_code: bool = False, strict: bool = True, timeout: float = 300.0,
                     bucket_bytes: int = 256 << 20, chunk_bytes: int = 64 << 20, threads: int = 4,
                     progress: bool = True, return_report: bool = False, verify_checksums: bool = False,
-                    reader_factory: Callable | None = None) -> Any:
+                    reader_factory: Callable | None = None,
+                    phase_hook: Callable[[str, int], None] | None = None) -> Any:
     """Load ``source`` onto every rank of the job; returns this rank's model (or state dict).
 
     Collective: every rank calls it with the same arguments. ``model``: ``"auto"`` (transformers
@@ -42,6 +43,9 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
     With ``return_report=True`` returns ``(result, report)``, the report being the gathered
     summary of every rank (same dict on every rank).
     Any failure on any rank raises on every rank within ``timeout`` seconds.
+    ``reader_factory(root, file_stamps) -> StorageReader`` replaces the file reader and
+    ``phase_hook(phase, rank)`` runs at the start of each phase (``plan``, ``transfer``,
+    ``materialize``): both exist to inject faults in tests.
     """
     if torch_dtype is not None:
         if dtype not in ("auto", None, torch_dtype):
@@ -55,7 +59,8 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
               tp_size=tp_size, cluster=cluster, transport=transport, allow_pickle=allow_pickle,
               trust_remote_code=trust_remote_code, strict=strict, bucket_bytes=bucket_bytes,
               chunk_bytes=chunk_bytes, threads=threads, progress=progress,
-              verify_checksums=verify_checksums, reader_factory=reader_factory)
+              verify_checksums=verify_checksums, reader_factory=reader_factory,
+              phase_hook=phase_hook)
     group = setup_group(timeout)
     result, report = _load(group, job, return_report)
     teardown_group(group)  # the default group stays: the model may need it (TP)
@@ -75,6 +80,8 @@ def _load(group: Group, job: Job, want_report: bool) -> tuple[Any, dict | None]:
     facts = {"rank": group.rank, "local_rank": group.local_rank, "host": group.node, "device": str(device),
              "device_memory": _device_memory(device, mem), "host_memory": _host_memory()}
     clock.start("plan")
+    if job.phase_hook is not None:
+        job.phase_hook("plan", group.rank)
     all_facts = gather_facts(group, facts)
     payload = coordinate(group, lambda: plan_on_rank0(job, all_facts, uuid.uuid4().hex[:12]))
     clock.stop("plan")

@@ -43,6 +43,7 @@ class Job:
     progress: bool = True
     verify_checksums: bool = False
     reader_factory: Callable | None = None
+    phase_hook: Callable[[str, int], None] | None = None
 
 
 def _cluster(job: Job, facts: list[dict]):
@@ -98,12 +99,14 @@ def _check_cache_files(src) -> None:
     check_snapshot_files(src.root, list(src.weight_files))
 
 
-def _phase(group: Group, clock: PhaseClock, name: str, fn: Callable[[], Any],
+def _phase(group: Group, job: Job, clock: PhaseClock, name: str, fn: Callable[[], Any],
            cleanup: Callable[[], None] | None = None) -> Any:
     """Run one phase on this rank, then exchange status: every rank raises if any failed."""
     clock.start(name)
     result, error = None, None
     try:
+        if job.phase_hook is not None:
+            job.phase_hook(name, group.rank)
         result = fn()
     except Exception as exc:  # noqa: BLE001 - reported to every rank by sync_status
         error = exc
@@ -121,16 +124,16 @@ def execute_plan(group: Group, job: Job, payload: dict, device: torch.device, cl
     """Every rank: read and move per the plan, then materialize (collective)."""
     if payload["kind"] == "pickle":
         from workers.pickle_load import load_pickle
-        tensors = _phase(group, clock, "read", lambda: load_pickle(payload, job, group))
+        tensors = _phase(group, job, clock, "read", lambda: load_pickle(payload, job, group))
         stats, plan = TransferStats(read_bytes=0), None
     else:
         from orchestrator.planner import plan_from_json
         plan = plan_from_json(payload["plan"].encode())
-        tensors, stats = _phase(group, clock, "transfer", lambda: _move(group, job, payload, plan, device),
+        tensors, stats = _phase(group, job, clock, "transfer", lambda: _move(group, job, payload, plan, device),
                                 cleanup=lambda: _remove_areas(payload))
     stats.owned_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     owned = owned_of(plan, group.rank) if plan is not None else ()
-    result = _phase(group, clock, "materialize", lambda: _materialize(group, job, payload, tensors, device, owned))
+    result = _phase(group, job, clock, "materialize", lambda: _materialize(group, job, payload, tensors, device, owned))
     return result, stats, plan
 
 

@@ -1,0 +1,32 @@
+"""Pickle checkpoints (``pytorch_model*.bin``, ``*.pt``), only with ``allow_pickle=True``.
+
+Loaded with ``torch.load(weights_only=True, mmap=True)`` (no code runs, pages are read on use).
+Pickle files have no byte-range index, so there is no plan: every rank maps the files itself and
+keeps every tensor (``replicate`` only). Not collective.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from orchestrator.errors import ConfigError, PickleRefusedError
+
+
+def load_pickle(payload: dict, job, group) -> dict[str, torch.Tensor]:
+    if not job.allow_pickle:
+        raise PickleRefusedError("Pickle weights are refused", where=payload["root"],
+                                 fix="convert the checkpoint to safetensors, or pass allow_pickle=True")
+    if job.device_map not in ("replicate", None):
+        raise ConfigError("Pickle checkpoints load only with device_map='replicate'",
+                          where=payload["root"], got=repr(job.device_map),
+                          fix="convert the checkpoint to safetensors (weightcast save) for other device maps")
+    out: dict[str, torch.Tensor] = {}
+    for name in payload["files"]:
+        path = os.path.join(payload["root"], name)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) format cannot be mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        out.update({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    return out
