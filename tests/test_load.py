@@ -97,3 +97,59 @@ def test_views_are_copy_on_write(sharded: str, monkeypatch) -> None:
     sd[name].add_(1.0)
     again = load_pretrained(sharded, model=None, transport="node-shared")
     assert torch.equal(again[name], before)
+
+
+NODES = ["n0", "n0", "n1", "n1"]
+
+
+@pytest.mark.parametrize("strategy", ["replicate", "tp", "auto"])
+def test_two_nodes_shared_storage_ring(sharded: str, strategy: str) -> None:
+    """2 emulated nodes x 2 ranks: read once per cluster; only what a node needs and did not
+    read itself crosses nodes (node-shared ring hops)."""
+    args = {"source": sharded, "device_map": strategy, "verify": True, "timeout": 60, "chunk_bytes": 512}
+    results = spawn(4, "launch.jobs:load_job", args, timeout=240, nodes=NODES)
+    assert all(r.value["mismatches"] == [] for r in results)
+    report = results[0].value["report"]
+    assert report["total_read_bytes"] == report["checkpoint_bytes"]
+    ranks = report["ranks"]
+    for node in ("n0", "n1"):
+        mine = [r for r in ranks if r["node"] == node]
+        other = [r for r in ranks if r["node"] != node]
+        assert sum(r["cross_node_recv"] for r in mine) <= sum(r["read_bytes"] for r in other)
+    if strategy == "replicate":  # each node needs everything: it receives exactly what it did not read
+        for node in ("n0", "n1"):
+            mine = [r for r in ranks if r["node"] == node]
+            assert sum(r["cross_node_recv"] + r["read_bytes"] for r in mine) == report["checkpoint_bytes"]
+
+
+def test_two_nodes_node_local_storage(sharded: str, tmp_path) -> None:
+    """Each node has its own copy in its own directory: each node reads the checkpoint once."""
+    import shutil
+    for node in ("n0", "n1"):
+        shutil.copytree(sharded, tmp_path / node)
+    (tmp_path / "cluster.yaml").write_text(
+        "name: two-nodes\nstorage: node-local\nnodes:\n  count: 2\n  ranks_per_node: 2\n  host_memory: 16GB\n")
+    args = {"source": str(tmp_path / "{node}"), "cluster": str(tmp_path / "cluster.yaml"), "verify": True,
+            "verify_root": sharded, "timeout": 60}
+    results = spawn(4, "launch.jobs:load_job", args, timeout=240, nodes=NODES)
+    assert all(r.value["mismatches"] == [] for r in results)
+    report = results[0].value["report"]
+    for node in ("n0", "n1"):
+        assert sum(r["read_bytes"] for r in report["ranks"] if r["node"] == node) == report["checkpoint_bytes"]
+        assert sum(r["cross_node_recv"] for r in report["ranks"] if r["node"] == node) == 0
+
+
+def test_node_local_copies_must_match(sharded: str, tmp_path) -> None:
+    import shutil
+    from orchestrator.errors import CacheError, LoadError
+    for node in ("n0", "n1"):
+        shutil.copytree(sharded, tmp_path / node)
+    victim = sorted(p for p in (tmp_path / "n1").iterdir() if p.suffix == ".safetensors")[0]
+    with open(victim, "ab") as fh:
+        fh.write(b"\0" * 8)
+    (tmp_path / "cluster.yaml").write_text(
+        "name: two-nodes\nstorage: node-local\nnodes:\n  count: 2\n  ranks_per_node: 2\n  host_memory: 16GB\n")
+    args = {"source": str(tmp_path / "{node}"), "cluster": str(tmp_path / "cluster.yaml"), "timeout": 60}
+    with pytest.raises((CacheError, LoadError)) as info:
+        spawn(4, "launch.jobs:load_job", args, timeout=240, nodes=NODES)
+    assert "n1" in str(info.value) and victim.name in str(info.value)

@@ -16,7 +16,7 @@ import torch
 
 from orchestrator.errors import ConfigError, LoadError, WeightcastError
 from workers.coordinator import Group, coordinate, gather_facts, setup_group, sync_status, teardown_group
-from workers.execute import Job, execute_plan, plan_on_rank0
+from workers.execute import Job, execute_plan, plan_on_rank0, resolve_node_local
 from workers.report import LoadReport, PhaseClock, gather_reports, memory_now, summary
 
 TRANSPORTS = ("auto", "node-shared", "collective")
@@ -82,8 +82,13 @@ def _load(group: Group, job: Job, want_report: bool) -> tuple[Any, dict | None]:
     clock.start("plan")
     if job.phase_hook is not None:
         job.phase_hook("plan", group.rank)
+    local = resolve_node_local(group, job)
+    if local is not None:
+        facts["local_source"] = local
     all_facts = gather_facts(group, facts)
     payload = coordinate(group, lambda: plan_on_rank0(job, all_facts, uuid.uuid4().hex[:12]))
+    if local is not None and "root" in local:
+        payload["root"], payload["local_stamps"] = local["root"], local["stamps"]
     clock.stop("plan")
     result, stats, plan = execute_plan(group, job, payload, device, clock)
     report = LoadReport(rank=group.rank, node=group.node, device=str(device), transport=payload["transport"])

@@ -4,6 +4,7 @@ status exchange so a failure anywhere becomes the same error everywhere.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -48,6 +49,7 @@ class Job:
 
 def _cluster(job: Job, facts: list[dict]):
     from orchestrator.cluster import ClusterSpec, cluster_from_facts, load_cluster
+    facts = [{k: v for k, v in f.items() if k != "local_source"} for f in facts]
     if job.cluster is None:
         return cluster_from_facts(facts)
     spec = job.cluster if isinstance(job.cluster, ClusterSpec) else load_cluster(os.fspath(job.cluster))
@@ -55,7 +57,74 @@ def _cluster(job: Job, facts: list[dict]):
         raise ConfigError("The cluster spec does not match the job", where="cluster argument",
                           expected=f"{len(facts)} ranks (the job's world size)", got=f"{spec.world_size} ranks",
                           fix="pass a cluster spec with as many ranks as the job, or cluster=None to detect it")
-    return spec
+    # the ranks' real topology (hosts, local ranks, devices), the spec's storage and bandwidths
+    return cluster_from_facts(facts, template=spec)
+
+
+def node_source(job: Job, node: str) -> str:
+    """The source as seen on ``node``: ``{node}`` in a path is replaced by the node's name, so
+    node-local copies may live in per-node directories."""
+    return job.source.replace("{node}", node) if "{node}" in job.source else job.source
+
+
+def _storage_of(job: Job) -> str:
+    if job.cluster is None:
+        return "shared"
+    from orchestrator.cluster import ClusterSpec, load_cluster
+    spec = job.cluster if isinstance(job.cluster, ClusterSpec) else load_cluster(os.fspath(job.cluster))
+    return spec.storage
+
+
+def resolve_node_local(group: Group, job: Job) -> dict | None:
+    """Node-local storage only (collective): local rank 0 of each node resolves (and for a hub
+    repo downloads) the node's own copy while the node's other ranks wait, then every rank
+    resolves it offline. Returns this rank's facts: root, file stamps and commit, or an error
+    message rank 0 turns into the load's error. None for shared storage."""
+    try:
+        node_local = _storage_of(job) == "node-local"
+    except Exception:  # noqa: BLE001 - a bad cluster argument is reported by rank 0's planning
+        node_local = False
+    if not node_local:
+        return None
+    from workers.coordinator import barrier
+    out: dict = {}
+    if group.local_rank == 0:
+        out = _resolve_here(job, group.node, offline=job.local_files_only)
+    barrier(group)
+    if group.local_rank != 0:
+        out = _resolve_here(job, group.node, offline=True)
+    return out
+
+
+def _resolve_here(job: Job, node: str, offline: bool | None) -> dict:
+    from orchestrator.source import resolve_source
+    try:
+        src = resolve_source(node_source(job, node), revision=job.revision, cache_dir=job.cache_dir,
+                             local_files_only=offline, token=job.token, allow_pickle=job.allow_pickle)
+        stamps = {}
+        for name in src.weight_files:
+            st = os.stat(os.path.join(src.root, name))
+            stamps[name] = [st.st_size, st.st_mtime_ns]
+        return {"root": src.root, "commit": src.revision, "stamps": stamps}
+    except Exception as exc:  # noqa: BLE001 - shipped to rank 0, raised there for every rank
+        return {"error": f"{type(exc).__name__}: {exc}", "node": node}
+
+
+def _check_node_copies(facts: list[dict]) -> None:
+    """Rank 0, node-local storage: every node must hold the same files (same commit, sizes)."""
+    from orchestrator.cache_doctor import compare_snapshots
+    from orchestrator.errors import StorageError
+    per_node: dict[str, dict] = {}
+    for f in facts:
+        local = f.get("local_source")
+        if local is None:
+            continue
+        if "error" in local:
+            raise StorageError("A node cannot resolve its copy of the checkpoint", where=f"node {f['host']}",
+                               got=local["error"], fix="put the same checkpoint on every node (node-local storage)")
+        per_node.setdefault(f["host"], {"node": f["host"], "commit": local["commit"],
+                                        "files": {k: v[0] for k, v in local["stamps"].items()}})
+    compare_snapshots(list(per_node.values()))
 
 
 def _transport(job: Job, facts: list[dict]) -> str:
@@ -71,7 +140,9 @@ def plan_on_rank0(job: Job, facts: list[dict], load_id: str) -> dict:
     from orchestrator.device_map import build_device_map, device_map_to_json
     from orchestrator.planner import PlanOptions, plan_load, plan_to_json
     from orchestrator.source import resolve_source
-    src = resolve_source(job.source, revision=job.revision, cache_dir=job.cache_dir,
+    if any("local_source" in f for f in facts):
+        _check_node_copies(facts)
+    src = resolve_source(node_source(job, facts[0]["host"]), revision=job.revision, cache_dir=job.cache_dir,
                          local_files_only=job.local_files_only, token=job.token, allow_pickle=job.allow_pickle)
     if src.kind == "pickle":
         return {"kind": "pickle", "root": src.root, "files": list(src.weight_files), "config": src.config,
@@ -144,7 +215,13 @@ def _remove_areas(payload: dict) -> None:
 
 def _move(group: Group, job: Job, payload: dict, plan, device: torch.device):
     root = payload["root"]
-    reader = job.reader_factory(root, plan.files) if job.reader_factory else FileReader(root, plan.files)
+    files = plan.files
+    if "local_stamps" in payload:  # node-local copy: this node's own sizes and mtimes
+        from orchestrator.planner import FileStamp
+        files = tuple(FileStamp(f.name, *payload["local_stamps"].get(f.name, (f.size, f.mtime_ns)))
+                      for f in plan.files)
+        plan = dataclasses.replace(plan, files=files)
+    reader = job.reader_factory(root, files) if job.reader_factory else FileReader(root, files)
     try:
         if payload["transport"] == "node-shared":
             from workers.staging import reclaim_stale, run_node_shared
