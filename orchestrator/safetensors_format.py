@@ -15,6 +15,7 @@ subclass naming the file (and tensor), the expected and the found value, and the
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -248,15 +249,45 @@ def _parse_tensor(name: str, info: Any, file_name: str) -> HeaderTensor:
     return HeaderTensor(dtype, shape, begin, end)
 
 
-def _check_coverage(tensors: dict[str, HeaderTensor], file_name: str, data_size: int | None) -> None:
+def _fast_tensors(obj: dict[str, Any], file_name: str) -> tuple[dict[str, HeaderTensor], list]:
+    """The hot loop: validate every entry with inline checks; on the first doubt, hand the entry
+    to :func:`_parse_tensor` (which raises the precise error). -> (tensors, [(begin, end, name)])."""
+    bits_of, keys, max_dim = DTYPE_BITS, _TENSOR_KEYS, _MAX_DIM
+    tensors: dict[str, HeaderTensor] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, info in obj.items():
+        ok = type(info) is dict and info.keys() == keys
+        if ok:
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            bits = bits_of.get(dtype) if type(dtype) is str else None
+            ok = (bits is not None and type(shape) is list and type(offsets) is list
+                  and len(offsets) == 2)
+        if ok:
+            numel = 1
+            for dim in shape:
+                if type(dim) is not int or not 0 <= dim <= max_dim:
+                    ok = False
+                    break
+                numel *= dim
+            begin, end = offsets
+            ok = (ok and type(begin) is int and type(end) is int and 0 <= begin <= end
+                  and (end - begin) * 8 == numel * bits)
+        t = HeaderTensor(dtype, tuple(shape), begin, end) if ok else _parse_tensor(name, info, file_name)
+        tensors[name] = t
+        spans.append((t.begin, t.end, name))
+    return tensors, spans
+
+
+def _check_coverage(spans: list[tuple[int, int, str]], file_name: str, data_size: int | None) -> None:
     """Offsets sorted, contiguous from 0 (no gap, no overlap), data region exactly covered."""
     expected = 0
-    for name, t in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
-        if t.begin != expected:
-            what = "gap before" if t.begin > expected else "overlap at"
+    spans.sort()
+    for begin, end, name in spans:
+        if begin != expected:
+            what = "gap before" if begin > expected else "overlap at"
             raise _fail(f"Tensor data is not contiguous ({what} this tensor)", file_name, name,
-                        expected=f"begin offset {expected}", got=f"{t.begin}")
-        expected = t.end
+                        expected=f"begin offset {expected}", got=f"{begin}")
+        expected = end
     if data_size is not None and expected != data_size:
         what = ("The file has trailing bytes after the last tensor" if data_size > expected
                 else "The file is shorter than its header says (truncated data)")
@@ -271,12 +302,19 @@ def parse_header_bytes(raw: bytes, file_name: str, *, data_size: int | None = No
     ``data_size`` (file size - 8 - N), when given, must equal the end of the last tensor.
     Pure; called by :func:`read_header` and by property tests.
     """
-    obj = _decode_json(raw, file_name, "safetensors header")
-    if type(obj) is not dict:
-        raise _fail("The safetensors header is not a JSON object", file_name, got=type(obj).__name__)
-    metadata = _parse_metadata(obj.pop("__metadata__", None), file_name)
-    tensors = {name: _parse_tensor(name, info, file_name) for name, info in obj.items()}
-    _check_coverage(tensors, file_name, data_size)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # parsing allocates one container per tensor: collections would only cost time
+    try:
+        obj = _decode_json(raw, file_name, "safetensors header")
+        if type(obj) is not dict:
+            raise _fail("The safetensors header is not a JSON object", file_name,
+                        got=type(obj).__name__)
+        metadata = _parse_metadata(obj.pop("__metadata__", None), file_name)
+        tensors, spans = _fast_tensors(obj, file_name)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    _check_coverage(spans, file_name, data_size)
     return tensors, metadata
 
 

@@ -290,3 +290,51 @@ def test_accepted_headers_cover_the_data_exactly(header, data_size):
     assert pos == data_size
     for t in tensors.values():
         assert t.end - t.begin == sf.tensor_nbytes(t.dtype, t.shape)
+    import safetensors  # whatever we accept, the reference implementation accepts too
+    safetensors.deserialize(struct.pack("<Q", len(raw)) + raw + bytes(data_size))
+
+
+@st.composite
+def _layouts(draw):
+    """Mostly valid headers: contiguous layouts in a random key order, sometimes one offset nudged."""
+    entries = draw(st.lists(st.tuples(st.text(min_size=1, max_size=4),
+                                      st.sampled_from(sorted(sf.DTYPE_BITS)),
+                                      st.lists(st.integers(0, 4), max_size=3)), max_size=6,
+                            unique_by=lambda e: e[0]))
+    header, pos = {}, 0
+    for name, dtype, shape in entries:
+        bits = sf.DTYPE_BITS[dtype]
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * bits % 8:
+            shape = shape + [2] if bits % 2 == 0 else shape + [8]
+            numel *= shape[-1]
+        n = numel * bits // 8
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [pos, pos + n]}
+        pos += n
+    names = draw(st.permutations(list(header)))
+    if names and draw(st.booleans()):
+        victim = header[draw(st.sampled_from(names))]["data_offsets"]
+        victim[draw(st.integers(0, 1))] += draw(st.integers(-3, 3))
+    return {n: header[n] for n in names}, pos + draw(st.sampled_from([0, 0, 0, 1, -1]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_layouts())
+def test_parser_agrees_with_reference_implementation(layout):
+    import safetensors
+    header, data_size = layout
+    raw = json.dumps(header).encode()
+    data = struct.pack("<Q", len(raw)) + raw + bytes(max(data_size, 0))
+    try:
+        sf.parse_header_bytes(raw, "h.safetensors", data_size=max(data_size, 0))
+        ours = True
+    except CheckpointFormatError:
+        ours = False
+    try:
+        safetensors.deserialize(data)
+        theirs = True
+    except Exception:  # noqa: BLE001 - any rejection
+        theirs = False
+    assert ours == theirs, (header, data_size)
