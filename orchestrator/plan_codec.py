@@ -64,11 +64,7 @@ def encode(plan: LoadPlan) -> bytes:
     reads = {"rank": [r.rank for r in rs], "file": [files(r.file) for r in rs],
              "offset": [r.offset for r in rs], "length": [r.length for r in rs],
              "chunks": [list(r.chunks) for r in rs]}
-    ts = plan.transfers
-    transfers = {"kind": [KINDS.index(t.kind) for t in ts], "src": [t.src for t in ts],
-                 "dsts": [sets(t.dsts) for t in ts], "chunks": [list(t.chunks) for t in ts],
-                 "bucket": [t.bucket for t in ts], "step": [t.step for t in ts],
-                 "round": [t.round for t in ts]}
+    transfers = _encode_transfers(plan.transfers, sets)
     o = plan.options
     doc = {
         "format": FORMAT, "version": VERSION, "world_size": plan.world_size,
@@ -117,11 +113,7 @@ def _decode(doc: dict) -> LoadPlan:
     r = doc["reads"]
     reads = tuple(ReadItem(rank, names[f], off, n, tuple(ids)) for rank, f, off, n, ids in zip(
         r["rank"], r["file"], r["offset"], r["length"], r["chunks"], strict=True))
-    t = doc["transfers"]
-    transfers = tuple(TransferItem(KINDS[k], src, sets[d], tuple(ids), b, s, rnd)
-                      for k, src, d, ids, b, s, rnd in zip(
-                          t["kind"], t["src"], t["dsts"], t["chunks"], t["bucket"], t["step"],
-                          t["round"], strict=True))
+    transfers = _decode_transfers(doc["transfers"], sets)
     devices = tuple(doc["devices"])
     return LoadPlan(
         world_size=doc["world_size"], nodes=tuple((n, tuple(rk)) for n, rk in doc["nodes"]),
@@ -130,3 +122,54 @@ def _decode(doc: dict) -> LoadPlan:
         chunks=chunks, reads=reads, transfers=transfers,
         checkpoint_bytes=doc["checkpoint_bytes"], needed_bytes=doc["needed_bytes"],
         devices=devices)
+
+
+# ---------------------------------------------------------------- transfers
+
+def _encode_transfers(ts: tuple[TransferItem, ...], sets: _Table) -> dict:
+    """Items grouped by bucket (the chunk list written once per bucket); a ring bucket's hops
+    are one chain ``[round, step, [src, dst, dst, ...]]``. Falls back to one column per field
+    when the plan's order is not the canonical (round, bucket, step) one."""
+    groups: dict[int, list[TransferItem]] = {}
+    for t in ts:
+        groups.setdefault(t.bucket, []).append(t)
+    if [(t.round, t.bucket, t.step) for t in ts] != sorted((t.round, t.bucket, t.step) for t in ts) \
+            or any(len({(t.kind, t.chunks) for t in g}) != 1 for g in groups.values()):
+        return {"kind": [KINDS.index(t.kind) for t in ts], "src": [t.src for t in ts],
+                "dsts": [sets(t.dsts) for t in ts], "chunks": [list(t.chunks) for t in ts],
+                "bucket": [t.bucket for t in ts], "step": [t.step for t in ts],
+                "round": [t.round for t in ts]}
+    out = []
+    for b, g in groups.items():
+        head = [KINDS.index(g[0].kind), b, list(g[0].chunks)]
+        if _is_chain(g):
+            out.append(head + [[g[0].round, g[0].step, [g[0].src] + [t.dsts[0] for t in g]]])
+        else:
+            out.append(head + [[[t.src, sets(t.dsts), t.step, t.round] for t in g]])
+    return {"groups": out}
+
+
+def _is_chain(g: list[TransferItem]) -> bool:
+    first = g[0]
+    return all(t.kind == "hop" and len(t.dsts) == 1 and t.step == first.step + i
+               and t.round == first.round + i and (i == 0 or t.src == g[i - 1].dsts[0])
+               for i, t in enumerate(g))
+
+
+def _decode_transfers(doc: dict, sets: list[tuple[int, ...]]) -> tuple[TransferItem, ...]:
+    if "groups" not in doc:
+        return tuple(TransferItem(KINDS[k], src, sets[d], tuple(ids), b, s, rnd)
+                     for k, src, d, ids, b, s, rnd in zip(
+                         doc["kind"], doc["src"], doc["dsts"], doc["chunks"], doc["bucket"],
+                         doc["step"], doc["round"], strict=True))
+    items = []
+    for kind, b, ids, spec in doc["groups"]:
+        kind, ids = KINDS[kind], tuple(ids)
+        if spec and isinstance(spec[0], int):  # a chain of hops
+            rnd, step, ranks = spec
+            items += [TransferItem(kind, ranks[i], (ranks[i + 1],), ids, b, step + i, rnd + i)
+                      for i in range(len(ranks) - 1)]
+        else:
+            items += [TransferItem(kind, src, sets[d], ids, b, s, r) for src, d, s, r in spec]
+    items.sort(key=lambda t: (t.round, t.bucket, t.step))
+    return tuple(items)

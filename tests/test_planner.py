@@ -317,3 +317,14 @@ def test_bad_blobs_raise_plan_errors() -> None:
     blob = plan_to_json(_plan({n: Replicate((0, 1)) for n in "abc"}))
     with pytest.raises(PlanError, match="inconsistent"):
         plan_from_json(blob.replace(b'"rank_sets":[', b'"rank_sets":[[0],'))
+
+
+def test_json_keeps_any_transfer_order_and_plain_owned_tuples() -> None:
+    import dataclasses
+    plan = _plan({n: Replicate((0, 1)) for n in "abc"}, nodes=2, per_node=1,
+                 transport="node-shared")
+    odd = dataclasses.replace(plan, transfers=plan.transfers[::-1], owned=tuple(plan.owned))
+    again = plan_from_json(plan_to_json(odd))
+    assert again.transfers == plan.transfers[::-1] and list(again.owned) == list(plan.owned)
+    assert plan_to_json(again) == plan_to_json(odd)
+    assert rank_owned_bytes(odd) == rank_owned_bytes(plan) and owned_of(odd, 1) == owned_of(plan, 1)
