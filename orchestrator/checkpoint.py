@@ -84,7 +84,10 @@ class CheckpointIndex:
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
 INDEX_SUFFIX = ".safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Pickles the Trainer writes beside the weights: never weights themselves.
+NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt",
+               "scheduler.bin", "scaler.pt", "rng_state")
 
 
 def find_hf_cache_root(root: str) -> str | None:
@@ -135,7 +138,8 @@ def locate_safetensors(directory: str) -> tuple[str, str] | None:
 def find_pickle_files(directory: str) -> tuple[str, ...]:
     """Names of pickle weight files (``*.bin``, ``*.pt``, ...) directly inside ``directory``."""
     try:
-        return tuple(sorted(n for n in os.listdir(directory) if n.endswith(PICKLE_SUFFIXES)))
+        return tuple(sorted(n for n in os.listdir(directory)
+                            if n.endswith(PICKLE_SUFFIXES) and not n.startswith(NOT_WEIGHTS)))
     except OSError:
         return ()
 

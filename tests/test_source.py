@@ -189,3 +189,10 @@ def test_cache_blob_link_escaping_the_repo(tmp_path, llama_dir):
     src = resolve_source("acme/tiny-llama", cache_dir=str(cache))
     with pytest.raises(UnsafePathError, match="model-00002-of-00004.safetensors"):
         load_index(src.root, cache_root=src.cache_root)
+
+
+def test_trainer_pickles_are_not_weights(tmp_path):
+    (tmp_path / "training_args.bin").write_bytes(b"\x80\x02}q\x00.")
+    (tmp_path / "optimizer.pt").write_bytes(b"\x80\x02}q\x00.")
+    with pytest.raises(CheckpointNotFoundError, match="no weights"):
+        resolve_source(str(tmp_path))
