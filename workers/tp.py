@@ -96,12 +96,7 @@ def module_styles(module: torch.nn.Module, dm: ClusterDeviceMap, tied: dict[str,
             styles[name] = (RowwiseParallel(input_layouts=Replicate()) if p.dim == 0
                             else ColwiseParallel(output_layouts=Replicate()))
         elif isinstance(sub, torch.nn.Linear) and p.dim in (0, 1):
-            if p.dim == 1:
-                styles[name] = RowwiseParallel()
-            elif sub is output:
-                styles[name] = ColwiseParallel(output_layouts=Replicate())
-            else:
-                styles[name] = ColwiseParallel()
+            styles[name] = _linear_style(sub, p, sub is output)
         else:
             raise ModelMismatchError(
                 "The device map shards a tensor of a module tensor parallelism cannot split",
@@ -109,6 +104,18 @@ def module_styles(module: torch.nn.Module, dm: ClusterDeviceMap, tied: dict[str,
                 expected="Linear weights split along dim 0 or 1, Embedding weights along dim 0 or 1",
                 fix="mark it 'replicate' in the tp plan")
     return styles
+
+
+def _linear_style(linear: torch.nn.Linear, p: Shard, is_output: bool) -> Any:
+    """Colwise for a dim-0 split, rowwise for dim 1. A colwise output split unevenly stays a
+    DTensor (a local tensor would lose its true width, which the next rowwise layer needs)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    if p.dim == 1:
+        return RowwiseParallel()
+    if is_output:
+        return ColwiseParallel(output_layouts=Replicate())
+    return ColwiseParallel(use_local_output=linear.out_features % len(p.groups[0]) == 0)
 
 
 def _dtensor_state(module: torch.nn.Module, dm: ClusterDeviceMap, tensors: dict[str, torch.Tensor],
