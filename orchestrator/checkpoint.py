@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
@@ -148,9 +149,16 @@ def resolve_inside(root: str, name: str, allowed: tuple[str, ...], where: str) -
     """Absolute real path of ``root/name``; it must lie inside one of the ``allowed`` real dirs.
 
     Symlinks are followed (HF snapshots link into ``../../blobs``); a target outside every
-    allowed directory raises UnsafePathError.
+    allowed directory raises UnsafePathError. ``root`` itself must be allowed (as
+    :func:`allowed_dirs` makes it).
     """
     full = os.path.join(root, name)
+    if "/" not in name:  # fast path: a plain entry of root that is not a link is inside root
+        try:
+            if not stat.S_ISLNK(os.lstat(full).st_mode):
+                return full
+        except OSError:
+            pass  # missing: resolved below, then reported by whoever opens it
     real = os.path.realpath(full)
     if not any(real == a or real.startswith(a.rstrip(os.sep) + os.sep) for a in allowed):
         raise UnsafePathError("A checkpoint file resolves outside the checkpoint directory",
