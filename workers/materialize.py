@@ -49,9 +49,37 @@ def cast_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) ->
     return {k: (v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v) for k, v in tensors.items()}
 
 
+def _module_classes(base: type = torch.nn.Module) -> list[type]:
+    out, stack = [], [base]
+    while stack:
+        cls = stack.pop()
+        out.append(cls)
+        stack.extend(cls.__subclasses__())
+    return out
+
+
+@contextlib.contextmanager
+def _no_reset_parameters():
+    """Modules' ``reset_parameters`` made no-ops while the skeleton is built: parameters are on
+    meta and about to be replaced, so initialising them is wasted work (and must never touch
+    real memory)."""
+    saved = []
+    for cls in _module_classes():
+        for name in ("reset_parameters", "_reset_parameters"):
+            if name in cls.__dict__:
+                saved.append((cls, name, cls.__dict__[name]))
+                setattr(cls, name, lambda self, *a, **k: None)
+    try:
+        yield
+    finally:
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
+
+
 @contextlib.contextmanager
 def _no_init():
-    """Weight initialisation disabled (transformers' own switch when available)."""
+    """Weight initialisation disabled: transformers' own switch when available, and modules'
+    ``reset_parameters``."""
     ctx = contextlib.nullcontext()
     try:
         from transformers.initialization import no_init_weights  # transformers >= 5
@@ -62,7 +90,7 @@ def _no_init():
             ctx = no_init_weights()
         except ImportError:
             pass
-    with ctx:
+    with ctx, _no_reset_parameters():
         yield
 
 
@@ -131,6 +159,7 @@ def assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *, strict:
                                  fix="use the matching config / model class, or pass strict=False")
     if device.type != "cpu":
         module.to(device)
+    module.eval()  # as from_pretrained returns it (dropout off)
     return module
 
 
