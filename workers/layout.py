@@ -16,16 +16,12 @@ _DTYPES: dict[str, torch.dtype] = {}
 
 
 def torch_dtype(code: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype code (``"BF16"`` -> ``torch.bfloat16``)."""
-    if not _DTYPES:
-        from safetensors.torch import _TYPES  # the library's own table
-        _DTYPES.update(_TYPES)
-        if hasattr(torch, "float4_e2m1fn_x2"):
-            _DTYPES.setdefault("F4", torch.float4_e2m1fn_x2)
-    try:
-        return _DTYPES[code]
-    except KeyError:
-        raise ValueError(f"dtype {code!r} has no torch equivalent") from None
+    """The torch dtype of a safetensors dtype code (``"BF16"`` -> ``torch.bfloat16``), cached."""
+    found = _DTYPES.get(code)
+    if found is None:
+        from orchestrator.safetensors_format import torch_dtype as lookup
+        found = _DTYPES[code] = lookup(code)
+    return found
 
 
 def itemsize(code: str) -> int:
