@@ -12,24 +12,26 @@ import sys
 
 from orchestrator.errors import WeightcastError
 
-COMMAND_MODULES = (
-    "launch.cmd_inspect",   # inspect, synth
-    "launch.cmd_plan",      # plan
-    "launch.cmd_load",      # load, demo
-    "launch.cmd_save",      # save
-    "launch.cmd_launch",    # launch
-    "launch.cmd_cache",     # cache verify | repair
-    "launch.cmd_bench",     # bench
-    "launch.cmd_emulate",   # emulate
-)
+COMMANDS = {  # sub-command -> the module that registers it
+    "inspect": "launch.cmd_inspect", "synth": "launch.cmd_inspect",
+    "plan": "launch.cmd_plan",
+    "load": "launch.cmd_load", "demo": "launch.cmd_load",
+    "save": "launch.cmd_save",
+    "launch": "launch.cmd_launch",
+    "cache": "launch.cmd_cache",
+    "bench": "launch.cmd_bench",
+    "emulate": "launch.cmd_emulate",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command`` only that sub-command's module is imported (fast start)."""
     parser = argparse.ArgumentParser(
         prog="weightcast",
         description="Load safetensors checkpoints onto many ranks: each byte read once per cluster.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:  # a command whose module is not part of this build
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
