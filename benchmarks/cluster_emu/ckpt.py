@@ -13,11 +13,9 @@ import os
 import shutil
 import tempfile
 
-from orchestrator.synth import LlamaShape, llama_config, llama_tensors, split_shards
-
 # hidden 2048, 8 layers, GQA 16/4 heads, MLP 5632, vocab 32000, untied: 0.49 B params, 0.98 GB bf16
-EMU_1G = LlamaShape(2048, 8, 16, 4, 5632, 32000, tied=False, max_positions=4096, bos=1, eos=2)
-SHAPES = {"emu-1g": EMU_1G}
+SHAPES = {"emu-1g": dict(hidden=2048, layers=8, heads=16, kv_heads=4, intermediate=5632, vocab=32000,
+                         tied=False, max_positions=4096, bos=1, eos=2)}
 SYNTH = ("tiny", "llama-1b")
 MAX_SHARD = 220_000_000
 DONE = ".complete"
@@ -37,7 +35,8 @@ def make_checkpoint(out_dir: str, like: str = "emu-1g", seed: int = 0) -> str:
         from orchestrator.synth import write_synthetic
         write_synthetic(out_dir, like=like, random=True, seed=seed, max_shard_size="500MB")
     elif like in SHAPES:
-        _write_random(out_dir, SHAPES[like], seed)
+        from orchestrator.synth import LlamaShape
+        _write_random(out_dir, LlamaShape(**SHAPES[like]), seed)
     else:
         raise ValueError(f"unknown checkpoint {like!r}: one of {sorted(SHAPES) + list(SYNTH)}")
     with open(marker, "w") as f:
@@ -45,9 +44,11 @@ def make_checkpoint(out_dir: str, like: str = "emu-1g", seed: int = 0) -> str:
     return out_dir
 
 
-def _write_random(out_dir: str, shape: LlamaShape, seed: int) -> None:
+def _write_random(out_dir: str, shape, seed: int) -> None:
     import torch
     from safetensors.torch import save_file
+
+    from orchestrator.synth import llama_config, llama_tensors, split_shards
     shapes = dict(llama_tensors(shape))
     sizes = [(name, _numel(s) * 2) for name, s in shapes.items()]
     shards = split_shards(sizes, MAX_SHARD)

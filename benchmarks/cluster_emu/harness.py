@@ -108,9 +108,10 @@ def launch(topo: Topology, module: str, rank_args: list[str], *, log_stem: str, 
 
 
 def run_loaders(topo: Topology, keys: list[str], out_dir: str, *, trials: int, cluster_yaml: str,
-                port: int, timeout: float = 1200) -> dict[str, dict]:
+                port: int, timeout: float = 1200, extra_args: tuple[str, ...] = ()) -> dict[str, dict]:
     """Run the loaders ``keys`` (trials each) in one launch per attempt; a loader that fails is
     recorded as ``{"error": ...}`` and the launch is repeated for the loaders after it.
+    ``extra_args`` go to every rank (e.g. ``--verify``).
     -> {key: results of rank 0 (or the error)}."""
     os.makedirs(out_dir, exist_ok=True)
     results: dict[str, dict] = {}
@@ -124,7 +125,7 @@ def run_loaders(topo: Topology, keys: list[str], out_dir: str, *, trials: int, c
         rank_args = [topo.ckpt_path, "--out", out_dir, "--trials", str(trials),
                      "--mountpoint", topo.mountpoint, "--switch", topo.switch,
                      "--timeout", str(int(min(timeout, 600))), "--loaders", ",".join(pending),
-                     "--cluster", cluster_yaml]
+                     "--cluster", cluster_yaml, *extra_args]
         stem = os.path.join(out_dir, f"launch{attempt}")
         codes, seconds = launch(topo, "benchmarks.cluster_emu.rank_main", rank_args,
                                 log_stem=stem, port=port + attempt, timeout=timeout)

@@ -6,6 +6,7 @@ Each rank module has ``load(source, args) -> (result, figures)`` (and optionally
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 
@@ -15,12 +16,21 @@ class LoaderSpec:
     label: str
     module: str
     device_map: str | None = None  # weightcast's device map (and the cost model's)
+    requires: tuple[str, ...] = ()  # modules the loader imports
+
+
+def unavailable(spec: LoaderSpec) -> str | None:
+    """Why ``spec`` cannot run here (a module it needs is not installed), or None."""
+    for module in spec.requires:
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed (pip install {module})"
+    return None
 
 
 LOADERS: dict[str, LoaderSpec] = {spec.key: spec for spec in (
-    LoaderSpec("naive", "naive load_file", "benchmarks.cluster_emu.rank_naive"),
-    LoaderSpec("hf", "from_pretrained", "benchmarks.cluster_emu.rank_hf"),
-    LoaderSpec("fst", "fastsafetensors", "benchmarks.cluster_emu.rank_fst"),
+    LoaderSpec("naive", "naive load_file", "benchmarks.cluster_emu.rank_naive", None, ("safetensors",)),
+    LoaderSpec("hf", "from_pretrained", "benchmarks.cluster_emu.rank_hf", None, ("transformers",)),
+    LoaderSpec("fst", "fastsafetensors", "benchmarks.cluster_emu.rank_fst", None, ("fastsafetensors",)),
     *(LoaderSpec(f"wc-{m}", f"weightcast {m}", "benchmarks.cluster_emu.rank_weightcast", m)
       for m in ("replicate", "tp", "auto")),
 )}

@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None,
     p.add_argument("--mountpoint", required=True, help="the storage mount (for its counters)")
     p.add_argument("--switch", required=True, help="the switch namespace (for link counters)")
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--verify", action="store_true",
+                   help="report a SHA-256 of every tensor loaded (tests compare them)")
     if extra is not None:
         extra(p)
     return p.parse_args(argv)
@@ -62,6 +64,18 @@ def touch_all(tensors: Any) -> int:
             seen.add(key)
             total += touch(t)
     return total
+
+
+def digests(state: dict) -> dict[str, str]:
+    """SHA-256 of each tensor's bytes (name -> hex), for ``--verify``."""
+    import hashlib
+
+    import torch
+    out = {}
+    for name, t in state.items():
+        flat = t.detach().contiguous().reshape(-1)
+        out[name] = hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+    return out
 
 
 def _reset_peak_rss() -> None:

@@ -21,7 +21,10 @@ def load(source: str, args: argparse.Namespace) -> tuple[Any, dict]:
         state = load_file(path)
         touched += rank_common.touch_all(state)
         shards.append(state)
-    return shards, {"owned_bytes": touched}
+    figures = {"owned_bytes": touched}
+    if args.verify:
+        figures["digests"] = {k: v for state in shards for k, v in rank_common.digests(state).items()}
+    return shards, figures
 
 
 if __name__ == "__main__":

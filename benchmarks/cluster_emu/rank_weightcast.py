@@ -22,8 +22,10 @@ def load(source: str, args: argparse.Namespace) -> tuple[Any, dict]:
     state, report = load_pretrained(source, device_map=args.device_map, cluster=args.cluster,
                                     model=None, return_report=True, progress=False,
                                     timeout=args.timeout)
-    touched = rank_common.touch_all(state)
-    return state, {"owned_bytes": touched, "report": _mine(report)}
+    figures = {"owned_bytes": rank_common.touch_all(state), "report": _mine(report)}
+    if args.verify:
+        figures["digests"] = rank_common.digests(state)
+    return state, figures
 
 
 def _mine(report: Any) -> Any:

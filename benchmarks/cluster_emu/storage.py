@@ -19,7 +19,6 @@ import time
 from benchmarks.cluster_emu.netns import sh
 from benchmarks.cluster_emu.topology import STATS_NAME, EmulationError, Topology
 
-READ_AHEAD_KB = 1024  # like an NFS client with rsize=1MiB: 1 MiB requests, not 128 KiB ones
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -54,18 +53,20 @@ def start_storage(topo: Topology, src: str, *, direct_io: bool = False,
             raise EmulationError(f"The storage daemon did not mount {topo.mountpoint}; see "
                                  f"{os.path.join(topo.workdir, 'storagefs.log')}")
         time.sleep(0.05)
-    _set_read_ahead(topo.mountpoint)
+    _set_read_ahead(topo.mountpoint, topo.read_ahead_kb)
     read_stats(topo.mountpoint)  # answers: the daemon serves requests
     return proc.pid
 
 
-def _set_read_ahead(mountpoint: str) -> None:
-    """Raise the read-ahead of this FUSE mount's own backing device info (gone with the mount)."""
+def _set_read_ahead(mountpoint: str, kb: int) -> None:
+    """Set the read-ahead of this FUSE mount's own backing device info (gone with the mount):
+    1 MiB gives 1 MiB requests (like an NFS client with rsize=1M) where the kernel default gives
+    128 KiB ones; 0 reads exactly the pages asked for, one page per request."""
     dev = os.stat(mountpoint).st_dev
     path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
     try:
         with open(path, "w") as f:
-            f.write(str(READ_AHEAD_KB))
+            f.write(str(kb))
     except OSError:
         pass  # keeps the kernel default (128 KiB requests): slower, still correct
 

@@ -37,12 +37,15 @@ class Topology:
     workdir: str = DEFAULT_WORKDIR
     host_memory: str = "8GiB"
     rdzv_port: int = 29431
+    read_ahead_kb: int = 1024  # the storage mount's client read-ahead (an NFS client's rsize)
 
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= 16:
             raise ValueError(f"nodes must be 1..16, got {self.nodes}")
         if not 1 <= self.ranks_per_node <= 8:
             raise ValueError(f"ranks_per_node must be 1..8, got {self.ranks_per_node}")
+        if self.read_ahead_kb < 0:
+            raise ValueError(f"read_ahead_kb must be >= 0, got {self.read_ahead_kb}")
         if self.link_gbit <= 0 or self.storage_mbps <= 0:
             raise ValueError("link_gbit and storage_mbps must be positive")
         net = ipaddress.ip_network(self.subnet)
@@ -140,7 +143,7 @@ def cluster_yaml(topo: Topology, name: str | None = None) -> str:
         f"#   storage: token bucket of {topo.storage_mbps:g} MB/s over all nodes together.",
         f"#   intra-node: gloo over loopback, measured 2.9-3.8 GB/s; memcpy and first touch",
         "#   measured on the development VM.",
-        f"# Written by: python -m benchmarks.cluster_emu.run --write-configs",
+        f"# Written by: python -m benchmarks.cluster_emu.run configs --nodes N",
         f"name: {name}",
         "storage: shared",
         f"storage_gbps: {storage:g}",
