@@ -7,7 +7,8 @@ workers execute a plan:
   storage the nodes also share ``storage_total_gbps`` (water-filling: each node gets the fair
   share of the cap, at most its own bandwidth); inside a node ranks share fairly (processor
   sharing), so a rank with less to read finishes earlier.
-- **transfer**: items run round by round; a round lasts as long as its busiest link. Links are a
+- **transfer**: items run round by round (the point-to-point items of a round together, each
+  broadcast alone: it blocks every rank); a round lasts as long as its busiest link. Links are a
   rank's intra-node link (``intra_node_gbps``, each direction), a node's network (``inter_node_gbps``,
   each direction) and, for bytes staged in a node's shared memory, the receiving rank's first
   touch (``first_touch_gbps``). On GPU clusters (NCCL) a ``broadcast`` crosses each node
@@ -169,9 +170,9 @@ def transfer_links(plan: LoadPlan, node_of: dict[int, str], tree: bool = True
     everyone = _Everyone(plan, node_of, local, tree)
     current = None
     for t in plan.transfers:
-        if current is None or t.round != current:
+        if current is None or t.round != current or t.kind == "broadcast":
             rounds.append(defaultdict(float))
-            current = t.round
+            current = t.round if t.kind != "broadcast" else None  # broadcasts block: alone
         n = sum(sizes[c] for c in t.chunks)
         if t.kind == "broadcast":
             links = everyone.add(t.src, n)

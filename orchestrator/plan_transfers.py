@@ -4,8 +4,10 @@ Called only by :func:`orchestrator.planner.plan_load` after the readers are chos
 
 - ``collective``: each chunk goes from its reader to its other consumers; chunks with the same
   (kind, src, dsts) fill buckets of at most ``bucket_bytes`` (a scatter bucket always holds whole
-  tensors); buckets run in the order their last chunk is read, so a reader that reads in file
-  order can send each bucket as soon as it is complete.
+  tensors). Round k holds every source's k-th bucket (in the order its last chunk is read, so a
+  reader that reads in file order can send each bucket as soon as it is complete): the
+  point-to-point items of one round come from different sources and may run concurrently, which
+  is what spreads cross-node fan-out over every node's network link.
 - ``node-shared``: a chunk read on node A and needed on other nodes travels one ring per rail
   (rail k = local rank k of each node): A -> B -> C ..., visiting only the nodes that need it, in
   cluster node order after A. Chunks fill buckets per stream (reader node, rail, route); bucket
@@ -62,8 +64,15 @@ def _collective(chunks: tuple[Chunk, ...], world: int, bucket_bytes: int,
         bucket[1] += size
     closed.extend((key, b[0]) for key, b in open_.items())
     closed.sort(key=lambda kb: kb[1][-1])  # by the id of the bucket's last chunk
-    return tuple(TransferItem(kind, src, dsts, tuple(ids), i, 0, i)
-                 for i, ((kind, src, dsts), ids) in enumerate(closed))
+    nth: dict[int, int] = {}
+    timed = []
+    for key, ids in closed:  # round k holds every source's k-th bucket
+        k = nth.get(key[1], 0)
+        nth[key[1]] = k + 1
+        timed.append((k, ids[-1], key, ids))
+    timed.sort(key=lambda x: x[:2])
+    return tuple(TransferItem(kind, src, dsts, tuple(ids), i, 0, k)
+                 for i, (k, _, (kind, src, dsts), ids) in enumerate(timed))
 
 
 def rails(cluster: ClusterSpec) -> tuple[list[list[int]], list[int], list[int]]:

@@ -23,9 +23,10 @@ Vocabulary
   point to point), ``scatter`` (src holds the whole tensor of the chunks; each dst receives only
   its own slice; an item always holds every chunk of its tensors), ``hop`` (node-shared transport:
   one ring hop from ``src`` to ``dsts[0]`` on another node; ``step`` orders the hops of a chunk
-  along its ring). Items are listed in execution order, ``round`` increasing: the hops of one round
-  use disjoint buckets and may run together; a chunk's hop ``s`` is always in a later round than
-  its hop ``s - 1``.
+  along its ring). Items are listed in execution order, ``round`` non-decreasing, ``bucket``
+  numbering the collective buckets in that order; items of one round may run together (a
+  source's buckets are in successive rounds; a chunk's hop ``s`` is always in a later round than
+  its hop ``s - 1``).
 
 Which transfers exist depends on ``PlanOptions.transport``:
 - ``collective``: every consumer that is not the reader receives the chunk's bytes (or its slice).

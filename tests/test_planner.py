@@ -145,8 +145,8 @@ def test_golden_replicate() -> None:
     assert plan.reads == (ReadItem(0, F, 16, 16, (0,)), ReadItem(0, F, 48, 24, (2, 3)),
                           ReadItem(1, F, 32, 16, (1,)), ReadItem(1, F, 72, 16, (4,)))
     assert plan.transfers == (TransferItem("broadcast", 0, (1,), (0, 2), 0, 0, 0),
-                              TransferItem("broadcast", 0, (1,), (3,), 1, 0, 1),
-                              TransferItem("broadcast", 1, (0,), (1, 4), 2, 0, 2))
+                              TransferItem("broadcast", 1, (0,), (1, 4), 1, 0, 0),
+                              TransferItem("broadcast", 0, (1,), (3,), 2, 0, 1))
     assert list(plan.owned) == [Owned(r, n, "F32", s, None, 0, s[0], "cpu")
                                 for r in (0, 1) for n, s in (("a", (4, 2)), ("b", (2,)), ("c", (2, 4)))]
     assert (plan.world_size, plan.nodes, plan.storage, plan.devices) == (
@@ -165,7 +165,7 @@ def test_golden_tp() -> None:
     assert plan.reads == (ReadItem(0, F, 16, 16, (0,)), ReadItem(0, F, 56, 32, (3, 4)),
                           ReadItem(1, F, 32, 24, (1, 2)))
     assert plan.transfers == (TransferItem("broadcast", 1, (0,), (2,), 0, 0, 0),
-                              TransferItem("scatter", 0, (1,), (3, 4), 1, 0, 1))
+                              TransferItem("scatter", 0, (1,), (3, 4), 1, 0, 0))
     assert list(plan.owned) == [
         Owned(0, "a", "F32", (4, 2), 0, 0, 2, "cpu"), Owned(0, "b", "F32", (2,), None, 0, 2, "cpu"),
         Owned(0, "c", "F32", (2, 4), 1, 0, 2, "cpu"), Owned(1, "a", "F32", (4, 2), 0, 2, 4, "cpu"),
@@ -328,3 +328,18 @@ def test_json_keeps_any_transfer_order_and_plain_owned_tuples() -> None:
     assert again.transfers == plan.transfers[::-1] and list(again.owned) == list(plan.owned)
     assert plan_to_json(again) == plan_to_json(odd)
     assert rank_owned_bytes(odd) == rank_owned_bytes(plan) and owned_of(odd, 1) == owned_of(plan, 1)
+
+
+def test_collective_rounds_hold_each_sources_kth_bucket() -> None:
+    from tests.plan_fixtures import llama_index
+    index = llama_index("llama-8b")
+    cluster = make_cluster(2, 4)
+    plan = plan_load(index, cluster, tp_map(index, cluster))
+    assert [t.bucket for t in plan.transfers] == list(range(len(plan.transfers)))
+    assert [t.round for t in plan.transfers] == sorted(t.round for t in plan.transfers)
+    seen: dict[int, list[int]] = {}
+    for t in plan.transfers:
+        seen.setdefault(t.src, []).append(t.round)
+        assert list(t.chunks) == sorted(t.chunks)
+    for rounds in seen.values():
+        assert rounds == list(range(len(rounds)))
