@@ -1,0 +1,142 @@
+"""Running benchmark jobs: ``torchrun --standalone --nproc-per-node N -m benchmarks.rank SPEC``.
+
+:func:`run_job` runs a list of steps (``[loader, trial]``) on N local ranks and returns the
+records rank 0 appended, plus one failure per loader that could not run. A loader that raises
+(on any rank) or a job that dies or runs out of time costs that loader its remaining steps; the
+job is relaunched with the other loaders' steps. Called by :mod:`benchmarks.bench` (parent).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+ProgressFn = Callable[[dict], None]
+
+
+@dataclass
+class JobResult:
+    records: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+    started: list[dict] = field(default_factory=list)  # one "started" event per launch
+
+
+def rank_env(mode: str) -> dict[str, str]:
+    """The environment every benchmark rank gets."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
+               RUNAI_STREAMER_DIST="1", PYTHONUNBUFFERED="1")
+    # fastsafetensors reads with O_DIRECT by default (its cold path); warm runs use the page cache
+    env["FASTSAFETENSORS_ODIRECT"] = "1" if mode == "cold" else "0"
+    return env
+
+
+def torchrun_cmd(world: int, spec_path: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+            "-m", "benchmarks.rank", spec_path]
+
+
+def _read_lines(path: str, skip: int) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        lines = fh.read().splitlines()
+    out = []
+    for line in lines[skip:]:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line being written
+    return out
+
+
+def _launch(world: int, spec: dict, workdir: str, tag: str, env: dict) -> tuple[subprocess.Popen, str]:
+    spec_path = os.path.join(workdir, f"{tag}.spec.json")
+    with open(spec_path, "w") as fh:
+        json.dump(spec, fh)
+    log = os.path.join(workdir, f"{tag}.log")
+    proc = subprocess.Popen(torchrun_cmd(world, spec_path), stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True, cwd=_repo_root())
+    return proc, log
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _wait(proc: subprocess.Popen, results: str, deadline: float, on_record: ProgressFn | None) -> None:
+    """Wait for the job (or the deadline), reporting each new trial record as it appears."""
+    seen = 0
+    while True:
+        lines = _read_lines(results, seen)
+        seen += len(lines)
+        for r in lines:
+            if "loader" in r and on_record is not None:
+                on_record(r)
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return
+        time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def _tail(path: str, n: int = 1500) -> str:
+    try:
+        with open(path, errors="replace") as fh:
+            return fh.read()[-n:]
+    except OSError:
+        return ""
+
+
+def run_job(source: str, world: int, steps: list[list], mode: str, workdir: str, tag: str, *,
+            timeout: float = 900.0, on_record: ProgressFn | None = None,
+            t_launch: float | None = None, extra_spec: dict | None = None) -> JobResult:
+    """Run ``steps`` on ``world`` ranks (relaunching after a failing loader); see module doc."""
+    os.makedirs(workdir, exist_ok=True)
+    out = JobResult()
+    todo = [list(s) for s in steps]
+    attempt = 0
+    while todo:
+        attempt += 1
+        results = os.path.join(workdir, f"{tag}.{attempt}.jsonl")
+        for stale in glob.glob(results + "*"):
+            os.remove(stale)
+        spec = {"source": source, "steps": todo, "mode": mode, "results": results,
+                "timeout": min(timeout, 600.0), "t_launch": t_launch or time.time(), **(extra_spec or {})}
+        proc, log = _launch(world, spec, workdir, f"{tag}.{attempt}", rank_env(mode))
+        _wait(proc, results, time.monotonic() + timeout, on_record)
+        _stop(proc)
+        lines = _read_lines(results, 0)
+        out.started += [r for r in lines if r.get("event") == "started"]
+        done = [r for r in lines if "loader" in r]
+        out.records += done
+        todo = todo[len(done):]
+        if not todo:
+            break
+        failed = _failure(results, todo[0][0], proc.returncode, log)
+        out.failures.append({**failed, "world": world, "mode": mode})
+        todo = [s for s in todo if s[0] != failed["loader"]]
+    return out
+
+
+def _failure(results: str, current: str, returncode: int | None, log: str) -> dict:
+    """The failure of the step the job stopped in: a rank's own record, else the job's log."""
+    for path in sorted(glob.glob(results + ".fail.*")):
+        with open(path) as fh:
+            rec = json.load(fh)
+        return {"loader": rec["loader"], "error": rec["error"], "detail": rec["traceback"][-1500:]}
+    why = "timed out" if returncode in (None, -9) else f"exit status {returncode}"
+    return {"loader": current, "error": f"the job died ({why}) in this loader", "detail": _tail(log)}

@@ -1,0 +1,146 @@
+"""One rank of a benchmark job: ``torchrun --standalone --nproc-per-node N -m benchmarks.rank SPEC``.
+
+``SPEC`` is a JSON file written by :mod:`benchmarks.bench`: the checkpoint, the steps to run in
+order (``[loader, trial index]``, trials of different loaders interleaved so that a noisy moment
+of the machine is shared among them), ``warm``, ``cold`` or ``none`` (page cache left as it is),
+and where rank 0 appends results (one JSON line per trial). Every rank runs every trial (collective):
+
+1. local rank 0 warms the checkpoint files (large reads) or drops them from the page cache;
+2. all ranks meet (gloo barrier), then start their clocks together;
+3. each rank loads and touches one byte per page of everything it got (lazy mmaps really load);
+4. all ranks meet again: the trial's wall time is rank 0's clock at that point;
+5. each rank reads its PSS / private / anonymous memory and its ``/proc/self/io`` counters,
+   the figures are gathered to rank 0, which appends one line to the results file.
+
+A loader that raises on any rank makes that rank write ``<results>.fail.<rank>`` and exit at
+once; torchrun then stops the job and the parent relaunches it with the loaders not yet run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from datetime import timedelta
+
+
+def _ident() -> dict:
+    return {"rank": int(os.environ.get("RANK", 0)), "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+            "world": int(os.environ.get("WORLD_SIZE", 1)), "pid": os.getpid()}
+
+
+def _set_cache(spec: dict, files: list[str], ident: dict) -> dict:
+    """Warm or cold page cache for the checkpoint (local rank 0 only); returns what was done."""
+    from benchmarks.procfs import make_cold, resident_fraction, warm
+    if ident["local_rank"] != 0 or spec["mode"] == "none":
+        return {}
+    if spec["mode"] == "cold":
+        make_cold(files)
+        return {"resident_before": resident_fraction(files)}
+    seconds = warm(files)
+    return {"warm_s": seconds, "resident_before": resident_fraction(files)}
+
+
+def _trial(name: str, spec: dict, ctx: dict, files: list[str], ident: dict) -> dict | None:
+    import torch.distributed as dist
+    from benchmarks import procfs
+    from benchmarks.loaders import load_function
+    load = load_function(name)
+    procfs.release_memory()
+    cache = _set_cache(spec, files, ident)
+    procfs.reset_peak_rss()
+    base = procfs.memory()
+    dist.barrier()
+    io0 = procfs.io_counters()
+    t0 = time.perf_counter()
+    result, extra = load(spec["source"], ctx)
+    touched = procfs.touch_all(result)
+    if spec.get("gpu"):
+        import torch
+        torch.cuda.synchronize()
+    mine_s = time.perf_counter() - t0
+    dist.barrier()
+    wall = time.perf_counter() - t0
+    io1 = procfs.io_counters()
+    mem = procfs.memory()
+    dist.barrier()  # every rank measured while every other still holds its result
+    report = extra.pop("report", None)
+    record = {**ident, "seconds": mine_s, "touched": touched, "base": base, "mem": mem,
+              "rchar": io1["rchar"] - io0["rchar"], "read_bytes": io1["read_bytes"] - io0["read_bytes"],
+              **extra, **cache}
+    del result
+    procfs.release_memory()
+    ranks: list = [None] * ident["world"]
+    dist.all_gather_object(ranks, record)
+    if ident["rank"] != 0:
+        return None
+    return {"loader": name, "world": ident["world"], "mode": spec["mode"], "wall_s": wall, "ranks": ranks,
+            "report": report, "time": time.time()}
+
+
+def _context(name: str, spec: dict, world: int) -> dict:
+    ctx = {"timeout": spec.get("timeout", 300.0)}
+    if name == "fastsafetensors_tp":
+        from benchmarks.loaders import tp_dims
+        ctx["tp_dims"] = tp_dims(spec["source"], world)
+    return ctx
+
+
+def run(spec: dict) -> int:
+    """Every rank: each step of the spec; rank 0 appends one record per step."""
+    import torch.distributed as dist
+    from benchmarks.loaders import prepare
+    from benchmarks.procfs import checkpoint_files
+    ident = _ident()
+    backend = "gloo"
+    if spec.get("gpu"):  # control over gloo, tensor data over NCCL
+        import torch
+        torch.cuda.set_device(ident["local_rank"])
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, timeout=timedelta(seconds=spec.get("timeout", 300.0)))
+    files = checkpoint_files(spec["source"])
+    if ident["rank"] == 0:
+        _append(spec["results"], {"event": "started", "time": time.time(), "t_launch": spec.get("t_launch")})
+    prepared: dict[str, dict] = {}
+    for name, trial_index in spec["steps"]:
+        try:
+            if name not in prepared:
+                prepare(name, spec["source"])
+                prepared[name] = _context(name, spec, ident["world"])
+            record = _trial(name, spec, prepared[name], files, ident)
+            if record is not None:
+                _append(spec["results"], {**record, "trial": trial_index})
+        except Exception as exc:  # noqa: BLE001 - recorded, then the job stops (others may be stuck)
+            _fail(spec, ident, name, exc)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def _append(path: str, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _fail(spec: dict, ident: dict, name: str, exc: BaseException) -> None:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    with open(f"{spec['results']}.fail.{ident['rank']}", "w") as fh:
+        json.dump({"loader": name, "rank": ident["rank"], "error": f"{type(exc).__name__}: {exc}",
+                   "traceback": text[-4000:]}, fh)
+    sys.stderr.write(text)
+    sys.stderr.flush()
+    os._exit(3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    with open(argv[0]) as fh:
+        spec = json.load(fh)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    return run(spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
