@@ -343,3 +343,21 @@ def test_collective_rounds_hold_each_sources_kth_bucket() -> None:
         assert list(t.chunks) == sorted(t.chunks)
     for rounds in seen.values():
         assert rounds == list(range(len(rounds)))
+
+
+def test_plan_json_is_identical_across_processes() -> None:
+    import os
+    import subprocess
+    import sys
+    code = ("import hashlib, sys; sys.path.insert(0, '.')\n"
+            "from tests.plan_fixtures import llama_index, make_cluster, tp_map\n"
+            "from orchestrator.planner import PlanOptions, plan_load, plan_to_json\n"
+            "idx = llama_index('llama-tiny'); cl = make_cluster(3, [4, 2, 3])\n"
+            "for tr in ('collective', 'node-shared'):\n"
+            "    plan = plan_load(idx, cl, tp_map(idx, cl), PlanOptions(transport=tr, chunk_bytes=999))\n"
+            "    print(hashlib.sha256(plan_to_json(plan)).hexdigest())\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                           timeout=120, check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+            for seed in ("1", "2")}
+    assert len(outs) == 1 and len(next(iter(outs)).split()) == 2
