@@ -164,5 +164,9 @@ class ReadPool:
                 then()
         return self._pool.submit(job)
 
+    def run(self, job: Callable[[], None]) -> Future:
+        """Run any read job (e.g. through bounce buffers) on the pool."""
+        return self._pool.submit(job)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

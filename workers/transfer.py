@@ -9,8 +9,10 @@ Reads run ahead in a thread pool, so bucket k+1 is read while bucket k is on the
 """
 from __future__ import annotations
 
+import queue
 from dataclasses import dataclass, field
 from itertools import groupby
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -87,33 +89,60 @@ class _Buffers:
         self.whole.clear()
 
 
-def _submit_read(pool: ReadPool, item: ReadItem, chunks: tuple[Chunk, ...], bufs: _Buffers,
-                 futures: dict[int, object]) -> None:
-    """Queue the reads of one ReadItem: big chunks straight into their targets, runs of small
-    ones through a scratch buffer (one request), each chunk's future recorded."""
-    cuda = bufs.device.type == "cuda"
+class _Bounce:
+    """A few reusable host buffers (pinned for CUDA targets), one per read thread: reads of
+    small runs of chunks, and every read bound for a GPU, pass through them, so read-ahead never
+    holds more than ``threads x SCRATCH_BYTES`` of extra memory."""
+
+    def __init__(self, count: int, pinned: bool) -> None:
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(count):
+            self.free.put(torch.empty(SCRATCH_BYTES, dtype=torch.uint8, pin_memory=pinned))
+
+    def read(self, reader: StorageReader, file: str, offset: int, length: int,
+             spill: Callable[[torch.Tensor, int], None]) -> None:
+        """Read [offset, offset + length) piece by piece; ``spill(piece, piece_offset)`` copies
+        each piece out before the buffer is reused."""
+        buf = self.free.get()
+        try:
+            done = 0
+            while done < length:
+                n = min(SCRATCH_BYTES, length - done)
+                reader.read_into(file, offset + done, memoryview(buf.numpy())[:n])
+                spill(buf[:n], offset + done)
+                done += n
+        finally:
+            self.free.put(buf)
+
+
+def _submit_read(pool: ReadPool, bounce: _Bounce, item: ReadItem, chunks: tuple[Chunk, ...],
+                 bufs: _Buffers, futures: dict[int, object]) -> None:
+    """Queue the reads of one ReadItem: on CPU, big chunks straight into their targets; runs of
+    small chunks (and everything bound for a GPU) through the bounce buffers."""
+    direct = bufs.device.type == "cpu"
     run: list[Chunk] = []
 
-    def flush() -> None:
-        if not run:
-            return
-        group = list(run)
-        start, end = group[0].offset, group[-1].offset + group[-1].length
-        scratch = torch.empty(end - start, dtype=torch.uint8, pin_memory=cuda)
-
-        def scatter_out() -> None:
+    def spill_run(group: list[Chunk]) -> Callable[[torch.Tensor, int], None]:
+        def spill(piece: torch.Tensor, at: int) -> None:
             for c in group:
-                dest = bufs.target(c)
+                lo, hi = max(at, c.offset), min(at + piece.numel(), c.offset + c.length)
+                dest = bufs.target(c) if hi > lo else None
                 if dest is not None:
-                    dest.copy_(scratch[c.offset - start:c.offset - start + c.length])
-        fut = pool.submit(item.file, start, memoryview(scratch.numpy()), then=scatter_out)
-        for c in group:
-            futures[c.id] = fut
-        run.clear()
+                    dest[lo - c.offset:hi - c.offset].copy_(piece[lo - at:hi - at])
+        return spill
+
+    def flush() -> None:
+        if run:
+            group = list(run)
+            start, end = group[0].offset, group[-1].offset + group[-1].length
+            fut = pool.run(lambda: bounce.read(pool.reader, item.file, start, end - start, spill_run(group)))
+            for c in group:
+                futures[c.id] = fut
+            run.clear()
 
     for c in chunks:
         dest = bufs.target(c)
-        if dest is not None and not cuda and c.length >= SCRATCH_BYTES:
+        if dest is not None and direct and c.length >= SCRATCH_BYTES:
             flush()
             futures[c.id] = pool.submit(c.file, c.offset, memoryview(dest.numpy()))
             continue
@@ -129,11 +158,12 @@ def run_collective(group: Group, plan: LoadPlan, reader: StorageReader, device: 
     stats = TransferStats()
     bufs = _Buffers(plan, group.rank, device)
     pool = ReadPool(reader, threads)
+    bounce = _Bounce(max(1, threads), pinned=device.type == "cuda")
     futures: dict[int, object] = {}
     try:
         for item in plan.reads:
             if item.rank == group.rank:
-                _submit_read(pool, item, tuple(plan.chunks[i] for i in item.chunks), bufs, futures)
+                _submit_read(pool, bounce, item, tuple(plan.chunks[i] for i in item.chunks), bufs, futures)
         for _, items in groupby(plan.transfers, key=lambda t: (t.round, t.bucket)):
             _run_bucket(group, plan, list(items), bufs, futures, stats)
         for fut in futures.values():
