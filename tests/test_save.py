@@ -88,7 +88,7 @@ def rank_save(args: dict) -> dict:
         elif held is not None:
             state[name] = held
     if args.get("bad_shape") == rank:
-        state[order[0]] = torch.zeros(3, 3)
+        state[order[3]] = torch.zeros(3, 3)  # a replicated tensor, with another shape than elsewhere
 
     def hook(event: str, detail: str) -> None:
         if rank == args.get("fault_rank") and event == args.get("fault_at"):
@@ -277,3 +277,88 @@ def test_single_process_fault_leaves_a_complete_checkpoint(tmp_path, monkeypatch
         got = read_checkpoint(out)
         assert got.keys() == new.keys() and all(torch.equal(got[k], new[k]) for k in new)
     assert leftovers(str(out)) == []
+
+
+# ---------------------------------------------------------------- several ranks (gloo)
+
+def save_args(ref_root: str, order: list[str], out: str, **kw) -> dict:
+    return {"ref": ref_root, "order": order, "out": out, "shard": SHARD, "timeout": 20, "how": "mixed",
+            "config": True, **kw}
+
+
+@pytest.mark.parametrize("world, how, hint", [(3, "mixed", True), (2, "replicate", False)])
+def test_distributed_round_trip_matches_transformers(ref, tmp_path, world: int, how: str, hint: bool) -> None:
+    """Tensor-parallel slices (dim 0 and 1), single owners and replicas, saved by several
+    ranks: the same files and weight map as transformers, identical tensors and logits."""
+    from transformers import AutoModelForCausalLM
+    root, model = ref
+    out = str(tmp_path / "out")
+    results = spawn(world, "tests.test_save:rank_save",
+                    save_args(root, llama_order(model), out, how=how, hint=hint), timeout=120)
+    assert all(r.value["ok"] for r in results), [r.value for r in results]
+    assert layout(out) == layout(root)
+    ours, theirs = read_checkpoint(out), read_checkpoint(root)
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+    assert all(os.stat(os.path.join(out, f)).st_mode & 0o777 == 0o644 for f in os.listdir(out))
+    assert leftovers(out) == []
+    again = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(logits(again), logits(model))
+
+
+@pytest.mark.parametrize("rank, at", [(1, "planned"), (1, "wrote"), (2, "written"), (0, "commit"),
+                                      (0, "exchanged")])
+def test_rank_killed_mid_save(ref, tmp_path, rank: int, at: str) -> None:
+    """SIGKILL one rank at a step: the survivors raise LoadError within the timeout, remove
+    the temporary directory, and the target holds a complete checkpoint: the previous one,
+    or the new one once rank 0 swapped it in."""
+    root, model = ref
+    out = str(tmp_path / "ckpt")
+    write_sharded(out, shards=3)
+    before = digest(out)
+    args = save_args(root, llama_order(model), out, fault_rank=rank, fault_at=at, timeout=10)
+    t0 = time.time()
+    results = spawn(3, "tests.test_save:rank_save", args, timeout=120, check=False)
+    assert results[rank].returncode == -signal.SIGKILL
+    killed_at = float(open(out + f".killed-{rank}").read())
+    os.remove(out + f".killed-{rank}")
+    for r in results:
+        if r.rank != rank:
+            assert r.returncode == 0 and r.value["ok"] is False, r.stderr[-2000:]
+            assert "stopped responding" in r.value["error"]
+            assert r.value["t"] - killed_at < args["timeout"] + 5
+            if at != "commit" or rank != 0:
+                assert f"rank {rank}" in r.value["error"]
+    assert time.time() - t0 < 100
+    assert leftovers(out) == []
+    if at == "exchanged":
+        assert layout(out) == layout(root)
+        assert read_checkpoint(out).keys() == read_checkpoint(root).keys()
+    else:
+        assert digest(out) == before
+        assert read_checkpoint(out).keys() == sample_tensors().keys()
+
+
+@pytest.mark.parametrize("at", ["collected", "wrote"])
+def test_exception_on_one_rank_is_the_same_error_everywhere(ref, tmp_path, at: str) -> None:
+    root, model = ref
+    out = str(tmp_path / "ckpt")
+    write_sharded(out, shards=2)
+    before = digest(out)
+    args = save_args(root, llama_order(model), out, fault_rank=2, fault_at=at, fault="raise")
+    results = spawn(3, "tests.test_save:rank_save", args, timeout=120)
+    errors = {r.value["error"] for r in results}
+    assert len(errors) == 1 and all(not r.value["ok"] for r in results)
+    error = errors.pop()
+    assert f"on rank 2" in error and f"injected fault at {at}" in error
+    assert digest(out) == before and leftovers(out) == []
+
+
+def test_ranks_disagreeing_about_a_tensor(ref, tmp_path) -> None:
+    root, model = ref
+    out = str(tmp_path / "new")
+    results = spawn(2, "tests.test_save:rank_save", save_args(root, llama_order(model), out, bad_shape=1),
+                    timeout=120)
+    assert all("PlanError" in r.value["error"] and "disagree" in r.value["error"] for r in results)
+    assert not os.path.exists(out) and leftovers(out) == []

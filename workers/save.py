@@ -19,10 +19,8 @@ checkpoint at the target is never modified until the final swap.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
-import time
 import uuid
 from collections import defaultdict
 from datetime import timedelta
@@ -35,8 +33,9 @@ from orchestrator.errors import LoadError
 from orchestrator.save_plan import (CONFIG_NAME, INDEX_NAME, SavePlan, manifest_from_json, manifest_to_json,
                                     plan_from_json, plan_save, plan_to_json)
 from workers import save_fs
-from workers.coordinator import Group, all_gather_bytes, broadcast_bytes
+from workers.coordinator import Group, all_gather_bytes, barrier, broadcast_bytes
 from workers.save_collect import Collected, collect, torch_dtype
+from workers.save_liveness import Watch
 
 Hook = Callable[[str, str], None]
 _CALLS = [0]  # save calls made by this process: names this call's keys in the rendezvous store
@@ -57,15 +56,17 @@ def save_pretrained(state: dict[str, torch.Tensor] | torch.nn.Module, out_dir: s
     own order, merged). ``out_dir`` is replaced atomically if it exists; its non-weight files
     (tokenizer, ...) are kept. Files get mode 0644, directories 0755. Any failure on any rank
     raises LoadError on every rank within ``timeout`` seconds and leaves ``out_dir`` as it was.
+    ``_fault_hook(event, detail)`` is called at each step (tests inject faults through it).
     """
     group = _open_group(timeout)
     _CALLS[0] += 1
-    group.extra.update(call=_CALLS[0], hook=_fault_hook or (lambda event, detail: None))
+    watch = Watch(group.rank, group.world_size, group.node, _CALLS[0])
+    group.extra.update(watch=watch, hook=_fault_hook or (lambda event, detail: None))
     try:
         _save(group, state, os.fspath(out_dir), max_shard_size, config, owned, order)
     finally:
-        if group.pg is not None:
-            dist.destroy_process_group(group.pg)
+        watch.close()
+        _drop(group)
 
 
 def _open_group(timeout: float) -> Group:
@@ -77,75 +78,88 @@ def _open_group(timeout: float) -> Group:
     return Group(rank, world, rank, world, node, pg, pg, timeout)
 
 
+def _drop(group: Group) -> None:
+    """Close this call's gloo group: peers blocked on this rank fail at once, not at the timeout."""
+    if group.pg is not None:
+        pg, group.pg, group.data_pg = group.pg, None, None
+        try:
+            dist.destroy_process_group(pg)
+        except Exception:  # noqa: BLE001 - already broken
+            pass
+
+
 def _save(group: Group, state: Any, out_dir: str, max_shard_size: int | str, config: dict | None,
           owned: Any, order: list[str] | None) -> None:
     hook = group.extra["hook"]
-    local = _collect_all(group, state, owned, order, config)
-    manifests = local[1]
-    hook("collected", "")
-    plan = _plan(group, manifests, max_shard_size, out_dir)
+    def collected() -> Collected:
+        out = collect(state, group.rank, owned=owned, order=order, config=config)
+        hook("collected", "")
+        return out
+    mine = _step(group, "collect", collected)
+    blobs = _exchange(group, "collect", lambda: all_gather_bytes(group, manifest_to_json(mine.manifest)),
+                      [manifest_to_json(mine.manifest)])
+    manifests = [manifest_from_json(b) for b in blobs]
+    blob = _step(group, "plan", lambda: _plan(manifests, max_shard_size, out_dir, group.world_size)) \
+        if group.rank == 0 else b""
+    plan = plan_from_json(_exchange(group, "plan", lambda: broadcast_bytes(group, blob), blob))
     cleanup = lambda: save_fs.cleanup(plan, f"r{group.rank}")  # noqa: E731
-    _phase(group, "write", lambda: _write(group, plan, local[0]), cleanup)
-    _phase(group, "commit", lambda: _commit(group, plan), cleanup)
+    _step(group, "write", lambda: _write(group, plan, mine), cleanup)
+    _exchange(group, "write", lambda: barrier(group), None, cleanup)
+    _step(group, "commit", lambda: _commit(group, plan), cleanup)
+    _exchange(group, "commit", lambda: barrier(group), None, cleanup)
 
 
-def _collect_all(group: Group, state: Any, owned: Any, order: list[str] | None,
-                 config: dict | None) -> tuple[Collected, list]:
-    """Every rank: collect locally, gather every manifest (or error) (collective)."""
+def _plan(manifests: list, max_shard_size: int | str, out_dir: str, world: int) -> bytes:
+    """Rank 0: the plan, with its temporary directory created."""
+    plan = plan_save(manifests, max_shard_size, save_id=uuid.uuid4().hex[:12], out=save_fs.target_path(out_dir),
+                     world_size=world)
+    save_fs.prepare(plan)
+    return plan_to_json(plan)
+
+
+class PeerLost(Exception):
+    """A send or receive of this rank failed: the peer failed or died (not this rank's fault)."""
+
+
+def _step(group: Group, phase: str, fn: Callable[[], Any], cleanup: Callable[[], None] | None = None) -> Any:
+    """Run this rank's part of ``phase``. On failure (alone: the error itself) the error is
+    posted for every rank, this rank's connections are closed so no peer waits on it, the
+    temporary directory is removed, and LoadError is raised."""
     try:
-        mine = collect(state, group.rank, owned=owned, order=order, config=config)
-        blob = b"M" + manifest_to_json(mine.manifest)
+        return fn()
     except BaseException as exc:
         if group.world_size == 1:
+            if cleanup is not None:
+                cleanup()
             raise
-        mine, blob = None, b"E" + _error_blob(group, exc)
-    blobs = _gather(group, "collect", blob)
-    _raise_failed(group, "collect", [b[1:] if b[:1] == b"E" else b"" for b in blobs])
-    return mine, [manifest_from_json(b[1:]) for b in blobs]
-
-
-def _plan(group: Group, manifests: list, max_shard_size: int | str, out_dir: str) -> SavePlan:
-    """Rank 0 plans and creates the temporary directory; everyone gets the plan (collective)."""
-    blob = b""
-    if group.rank == 0:
-        try:
-            save_id = uuid.uuid4().hex[:12]
-            plan = plan_save(manifests, max_shard_size, save_id=save_id, out=save_fs.target_path(out_dir),
-                             world_size=group.world_size)
-            save_fs.prepare(plan)
-            blob = b"P" + plan_to_json(plan)
-        except BaseException as exc:
-            if group.world_size == 1:
-                raise
-            blob = b"E" + _error_blob(group, exc)
-    if group.world_size > 1:
-        _mark(group, "plan")
-        try:
-            blob = broadcast_bytes(group, blob)
-        except Exception as exc:
-            raise _lost(group, "plan", exc) from exc
-    if blob[:1] == b"E":
-        _raise_failed(group, "plan", [blob[1:]])
-    return plan_from_json(blob[1:])
-
-
-def _phase(group: Group, name: str, fn: Callable[[], None], cleanup: Callable[[], None]) -> None:
-    """Run one step on this rank, then exchange status; on any failure every rank cleans up
-    and raises (collective)."""
-    error = None
-    try:
-        fn()
-    except BaseException as exc:  # noqa: BLE001 - reported to every rank
-        if group.world_size == 1:
+        watch = group.extra["watch"]
+        if isinstance(exc, PeerLost):
+            _drop(group)
+            verdict = watch.lost(phase, exc.__cause__ or exc)
+        else:
+            verdict = watch.fail(phase, exc)
+        _drop(group)
+        if cleanup is not None:
             cleanup()
-            raise
-        error = exc
+        raise _error(verdict) from exc
+
+
+def _exchange(group: Group, phase: str, fn: Callable[[], Any], alone: Any,
+              cleanup: Callable[[], None] | None = None) -> Any:
+    """The collective that ends ``phase`` (``alone``: its result with one rank). If it fails
+    (a peer failed, died or hung), every rank raises the one agreed LoadError."""
+    if group.world_size == 1:
+        return alone
+    group.extra["watch"].reached(phase)
     try:
-        reports = _gather(group, name, b"" if error is None else _error_blob(group, error))
-        _raise_failed(group, name, reports, error)
-    except BaseException:
-        cleanup()
-        raise
+        return fn()
+    except BaseException as exc:
+        _drop(group)
+        root = exc.__cause__ if isinstance(exc, LoadError) and exc.__cause__ is not None else exc
+        verdict = group.extra["watch"].lost(phase, root)
+        if cleanup is not None:
+            cleanup()
+        raise _error(verdict) from exc
 
 
 def _commit(group: Group, plan: SavePlan) -> None:
@@ -200,7 +214,17 @@ def _piece_bytes(spec, piece) -> int:
 
 def _send(group: Group, tensor: torch.Tensor, dst: int, tag: int):
     data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    return dist.isend(data, dst, group=group.pg, tag=tag)
+    try:
+        return dist.isend(data, dst, group=group.pg, tag=tag)
+    except Exception as exc:
+        raise PeerLost(f"sending to rank {dst} failed") from exc
+
+
+def _recv(group: Group, buf: torch.Tensor, src: int, tag: int):
+    try:
+        return dist.irecv(buf, src, group=group.pg, tag=tag)
+    except Exception as exc:
+        raise PeerLost(f"receiving from rank {src} failed") from exc
 
 
 def _assemble(group: Group, spec, pieces: list, local: dict, recvs: list) -> torch.Tensor:
@@ -218,12 +242,15 @@ def _assemble(group: Group, spec, pieces: list, local: dict, recvs: list) -> tor
                 buf, copy_to = dst.reshape(-1).view(torch.uint8), None
             else:
                 buf, copy_to = torch.empty(dst.numel() * dst.element_size(), dtype=torch.uint8), dst
-            recvs.append((dist.irecv(buf, p.src, group=group.pg, tag=p.tag), buf, copy_to))
+            recvs.append((_recv(group, buf, p.src, p.tag), buf, copy_to))
     return full
 
 
 def _wait(group: Group, work) -> None:
-    work.wait(timeout=timedelta(seconds=group.timeout))
+    try:
+        work.wait(timeout=timedelta(seconds=group.timeout))
+    except Exception as exc:
+        raise PeerLost("a transfer with another rank failed") from exc
 
 
 def _write_file(path: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -243,82 +270,21 @@ def _write_file(path: str, tensors: dict[str, torch.Tensor]) -> None:
 # ------------------------------------------------------------------ failing together
 
 
-def _error_blob(group: Group, exc: BaseException) -> bytes:
-    return json.dumps({"node": group.node, "type": type(exc).__name__, "msg": str(exc)}).encode()
-
-
-def _raise_failed(group: Group, phase: str, reports: list[bytes], error: BaseException | None = None) -> None:
-    """Raise LoadError naming the first rank whose report is an error (reports in rank order;
-    a single report is rank 0's)."""
-    failed = [(r, json.loads(b)) for r, b in enumerate(reports) if b]
-    if not failed:
-        return
-    rank, info = failed[0]
-    others = f" (and ranks {[r for r, _ in failed[1:]]})" if len(failed) > 1 else ""
-    raise LoadError(f"The save failed during {phase} on rank {rank}{others}",
-                    where=f"rank {rank} on host {info['node']}", got=f"{info['type']}: {info['msg']}",
-                    fix="fix the cause on that rank and save again; the target directory was not changed"
-                    if phase != "commit" else "fix the cause and save again; the target directory holds "
-                    "the previous checkpoint or the new one, complete") from error
-
-
-def _gather(group: Group, phase: str, blob: bytes) -> list[bytes]:
-    """All-gather one status blob; a rank that does not answer becomes a LoadError naming it."""
-    if group.world_size == 1:
-        return [blob]
-    _mark(group, phase)
-    try:
-        return all_gather_bytes(group, blob)
-    except Exception as exc:
-        raise _lost(group, phase, exc) from exc
-
-
-def _store():
-    try:
-        from torch.distributed.distributed_c10d import _get_default_store
-        return _get_default_store()
-    except Exception:  # noqa: BLE001 - naming the lost rank is best effort
-        return None
-
-
-def _key(group: Group, phase: str, rank: int) -> str:
-    return f"weightcast/save/{group.extra['call']}/{phase}/{rank}"
-
-
-def _mark(group: Group, phase: str) -> None:
-    """Tell the rendezvous store this rank reached the status exchange of ``phase``."""
-    store = _store()
-    try:
-        if store is not None:
-            store.set(_key(group, phase, group.rank), group.node)
-    except Exception:  # noqa: BLE001 - best effort
-        pass
-
-
-def _lost(group: Group, phase: str, exc: Exception) -> LoadError:
-    """The error for a collective that failed because a rank died or hung: names the ranks that
-    never reached this exchange (from the rendezvous store, when it answers)."""
-    missing = _missing_ranks(group, phase)
-    who = (f"rank {missing[0]}" if len(missing) == 1 else f"ranks {missing}") if missing else "another rank"
-    return LoadError(f"The save failed during {phase}: {who} stopped responding",
-                     where=f"seen by rank {group.rank} on host {group.node}",
-                     expected=f"every rank to reach the end of {phase} within {group.timeout:g} s",
-                     got=f"{type(exc).__name__}: {str(exc).strip()[:500]}",
-                     fix="check that process (killed, out of memory, stuck I/O); the target directory was not "
-                         "changed" if phase != "commit" else "check that process; the target directory holds the "
-                         "previous checkpoint or the new one, complete")
-
-
-def _missing_ranks(group: Group, phase: str, wait: float = 2.0) -> list[int]:
-    store = _store()
-    if store is None:
-        return []
-    deadline = time.monotonic() + wait
-    missing = list(range(group.world_size))
-    try:
-        while missing and time.monotonic() < deadline:
-            missing = [r for r in missing if not store.check([_key(group, phase, r)])]
-            time.sleep(0.1)
-    except Exception:  # noqa: BLE001 - the store itself is gone: it lived in rank 0's process
-        return [0] if group.rank != 0 else []
-    return missing
+def _error(verdict: dict) -> LoadError:
+    """The LoadError every rank raises for one agreed verdict (see workers.save_liveness)."""
+    phase = verdict["phase"]
+    fix_tail = ("the target directory holds the previous checkpoint or the new one, complete" if phase == "commit"
+                else "the target directory was not changed")
+    if verdict["kind"] == "error":
+        rank = verdict["rank"]
+        return LoadError(f"The save failed during {phase} on rank {rank}", where=f"rank {rank} on host {verdict['node']}",
+                         got=f"{verdict['type']}: {verdict['msg'].rstrip('.')}", fix=f"fix the cause on that rank and save again; {fix_tail}")
+    ranks = verdict["ranks"]
+    if ranks is None:
+        who, how = "rank 0 (or the rendezvous store it serves)", "stopped responding"
+    else:
+        who = (f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}") if ranks else "a rank"
+        how = "stopped responding (process gone)" if verdict["dead"] else "did not finish in time (still running)"
+    return LoadError(f"The save failed during {phase}: {who} {how}", where=f"the exchange ending {phase}",
+                     expected="every rank to reach it within the timeout", got=verdict["cause"],
+                     fix=f"check that process (killed, out of memory, stuck I/O); {fix_tail}")
