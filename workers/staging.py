@@ -17,11 +17,14 @@ them, by survivors after an error, and stale ones of dead loads are reclaimed (a
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
+import functools
 import glob
 import mmap
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
 
@@ -43,6 +46,25 @@ MADV_POPULATE_READ = 22  # Linux >= 5.14
 LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs", "ramfs", "bcachefs"}
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _MADVISE_OK: bool | None = None
+
+
+PROGRESS_MIN_BYTES = 512 << 20
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, what: str):
+    """A tqdm bar in bytes (GB/s shown) when ``total`` is large enough to be worth one."""
+    if total < PROGRESS_MIN_BYTES:
+        yield _NoBar()
+        return
+    from tqdm import tqdm
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"weightcast {what}", leave=False) as bar:
+        yield bar
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
 
 
 def shm_path(load_id: str, node_index: int, file_index: int) -> str:
@@ -132,8 +154,13 @@ def _populate_by_reading(pool: ReadPool, plan: LoadPlan, rank: int) -> list:
             n = min(POPULATE_BYTES, item.offset + item.length - off)
             buf = scratch[k % len(scratch)]  # contents are discarded: sharing a buffer is fine
             k += 1
-            futures.append(pool.submit(item.file, off, memoryview(buf)[:n]))
+            futures.append(pool.run(functools.partial(_read_count, pool.reader, item.file, off, memoryview(buf)[:n])))
     return futures
+
+
+def _read_count(reader: StorageReader, file: str, offset: int, dest: memoryview) -> int:
+    reader.read_into(file, offset, dest)
+    return len(dest)
 
 
 def _populate_mapped(executor: ThreadPoolExecutor, plan: LoadPlan, rank: int, maps: "_FileMaps") -> list:
@@ -151,8 +178,9 @@ def _populate_mapped(executor: ThreadPoolExecutor, plan: LoadPlan, rank: int, ma
     return futures
 
 
-def populate_read(addr: int, length: int) -> None:
-    """``madvise(MADV_POPULATE_READ)`` over [addr, addr + length), page-aligned outward."""
+def populate_read(addr: int, length: int) -> int:
+    """``madvise(MADV_POPULATE_READ)`` over [addr, addr + length), page-aligned outward;
+    returns ``length``."""
     start = addr - addr % PAGE
     size = addr + length - start
     if _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(size), MADV_POPULATE_READ) != 0:
@@ -160,6 +188,7 @@ def populate_read(addr: int, length: int) -> None:
         raise StorageError("Reading a checkpoint file through its mapping failed",
                            where=f"{length} bytes at address {addr:#x}", got=os.strerror(err),
                            fix="check the storage; retry the load")
+    return length
 
 
 def populate_method(root: str, reader: StorageReader) -> str:
@@ -220,7 +249,7 @@ class _FileMaps:
 
 
 def run_node_shared(group: Group, plan: LoadPlan, root: str, reader: StorageReader, load_id: str,
-                    threads: int = 4) -> tuple[dict[str, torch.Tensor], TransferStats]:
+                    threads: int = 4, show_progress: bool = True) -> tuple[dict[str, torch.Tensor], TransferStats]:
     """Execute ``plan`` with node-shared staging; returns this rank's tensors (collective)."""
     stats = TransferStats()
     node_names = [n for n, _ in plan.nodes]
@@ -229,21 +258,27 @@ def run_node_shared(group: Group, plan: LoadPlan, root: str, reader: StorageRead
     areas = _Areas(load_id, node_index, sizes, {f.name: i for i, f in enumerate(plan.files)})
     pool = ReadPool(reader, threads)
     maps = _FileMaps(root, plan)
+    mine = sum(i.length for i in plan.reads if i.rank == group.rank)
     try:
-        if populate_method(root, reader) == "madvise":
-            with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="weightcast-populate") as ex:
-                for f in _populate_mapped(ex, plan, group.rank, maps):
-                    f.result()
-            stats.read_bytes = sum(i.length for i in plan.reads if i.rank == group.rank)
-        else:
-            for f in _populate_by_reading(pool, plan, group.rank):
-                f.result()
-            stats.read_bytes = reader.bytes_read
+        t0 = time.perf_counter()
+        with progress_bar(mine if show_progress and group.rank == 0 else 0, "reading") as bar:
+            if populate_method(root, reader) == "madvise":
+                with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="weightcast-populate") as ex:
+                    for f in _populate_mapped(ex, plan, group.rank, maps):
+                        bar.update(f.result())
+                stats.read_bytes = mine
+            else:
+                for f in _populate_by_reading(pool, plan, group.rank):
+                    bar.update(f.result())
+                stats.read_bytes = reader.bytes_read
+        t1 = time.perf_counter()
         _run_hops(group, plan, maps, areas, stats)
         barrier(group)  # every node's page cache and staging areas are complete
+        t2 = time.perf_counter()
         tensors = _build_views(plan, group.rank, maps, areas)
         barrier(group)  # every rank has mapped what it needs
         remove_areas(load_id)
+        stats.events += [("read", t0, t1), ("transfer", t1, t2), ("views", t2, time.perf_counter())]
     finally:
         pool.close()
         areas.close()

@@ -10,6 +10,7 @@ Reads run ahead in a thread pool, so bucket k+1 is read while bucket k is on the
 from __future__ import annotations
 
 import queue
+import time
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Callable
@@ -160,16 +161,24 @@ def run_collective(group: Group, plan: LoadPlan, reader: StorageReader, device: 
     pool = ReadPool(reader, threads)
     bounce = _Bounce(max(1, threads), pinned=device.type == "cuda")
     futures: dict[int, object] = {}
+    t0 = time.perf_counter()
+    reads_done = [t0]
+
+    def finished(_fut) -> None:
+        reads_done[0] = max(reads_done[0], time.perf_counter())
     try:
         for item in plan.reads:
             if item.rank == group.rank:
                 _submit_read(pool, bounce, item, tuple(plan.chunks[i] for i in item.chunks), bufs, futures)
-        for _, items in groupby(plan.transfers, key=lambda t: (t.round, t.bucket)):
+        for fut in set(futures.values()):
+            fut.add_done_callback(finished)
+        for _, items in groupby(plan.transfers, key=lambda t: t.round):  # a round runs together
             _run_bucket(group, plan, list(items), bufs, futures, stats)
         for fut in futures.values():
             fut.result()
     finally:
         pool.close()
+    stats.events += [("read", t0, reads_done[0]), ("transfer", t0, time.perf_counter())]
     bufs.cut_slices()
     stats.read_bytes = reader.bytes_read
     return bufs.tensors(), stats
