@@ -17,6 +17,7 @@ import torch
 from orchestrator.errors import ConfigError, LoadError, WeightcastError
 from workers.coordinator import Group, coordinate, gather_facts, setup_group, sync_status, teardown_group
 from workers.execute import Job, execute_plan, plan_on_rank0, resolve_node_local
+from workers.materialize import resolve_dtype
 from workers.report import LoadReport, PhaseClock, gather_reports, memory_now, summary
 
 TRANSPORTS = ("auto", "node-shared", "collective")
@@ -62,8 +63,10 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
               verify_checksums=verify_checksums, reader_factory=reader_factory,
               phase_hook=phase_hook)
     group = setup_group(timeout)
-    result, report = _load(group, job, return_report)
-    teardown_group(group)  # the default group stays: the model may need it (TP)
+    try:
+        result, report = _load(group, job, return_report)
+    finally:
+        teardown_group(group)  # the default group stays: the model may need it (TP)
     return (result, report) if return_report else result
 
 
@@ -80,12 +83,19 @@ def _load(group: Group, job: Job, want_report: bool) -> tuple[Any, dict | None]:
     facts = {"rank": group.rank, "local_rank": group.local_rank, "host": group.node, "device": str(device),
              "device_memory": _device_memory(device, mem), "host_memory": _host_memory()}
     clock.start("plan")
-    if job.phase_hook is not None:
-        job.phase_hook("plan", group.rank)
+    error = None
+    try:
+        if job.phase_hook is not None:
+            job.phase_hook("plan", group.rank)
+        resolve_dtype(job.dtype, None)  # a bad dtype fails every rank before any byte is read
+    except BaseException as exc:  # noqa: BLE001 - exchanged with the facts: every rank raises
+        if isinstance(exc, KeyboardInterrupt) and group.world_size == 1:
+            raise
+        error = exc
     local = resolve_node_local(group, job)
     if local is not None:
         facts["local_source"] = local
-    all_facts = gather_facts(group, facts)
+    all_facts = gather_facts(group, facts, error)
     payload = coordinate(group, lambda: plan_on_rank0(job, all_facts, uuid.uuid4().hex[:12]))
     if local is not None and "root" in local:
         payload["root"], payload["local_stamps"] = local["root"], local["stamps"]

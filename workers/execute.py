@@ -13,7 +13,7 @@ import torch
 
 from orchestrator.errors import ConfigError
 from orchestrator.planner import owned_of
-from workers.coordinator import Group, sync_status
+from workers.coordinator import Group, abort_phase, sync_status
 from workers.materialize import assign, build_skeleton, cast_tensors, resolve_dtype
 from workers.reader import FileReader
 from workers.report import PhaseClock
@@ -147,6 +147,7 @@ def plan_on_rank0(job: Job, facts: list[dict], load_id: str) -> dict:
     if src.kind == "pickle":
         return {"kind": "pickle", "root": src.root, "files": list(src.weight_files), "config": src.config,
                 "transport": "pickle", "checkpoint_bytes": 0, "load_id": load_id}
+    _refuse_remote_code(job, src.config)
     _check_cache_files(src)
     index = load_index(src.root, cache_root=src.cache_root)
     cluster = _cluster(job, facts)
@@ -155,9 +156,60 @@ def plan_on_rank0(job: Job, facts: list[dict], load_id: str) -> dict:
     transport = _transport(job, facts)
     options = PlanOptions(transport=transport, chunk_bytes=job.chunk_bytes, bucket_bytes=job.bucket_bytes)
     plan = plan_load(index, cluster, dm, options)
-    return {"kind": "safetensors", "root": src.root, "config": src.config, "transport": transport,
-            "plan": plan_to_json(plan).decode(), "device_map": device_map_to_json(dm),
-            "checkpoint_bytes": index.total_bytes, "load_id": load_id}
+    _check_fits(plan, cluster, index)
+    payload = {"kind": "safetensors", "root": src.root, "config": src.config, "transport": transport,
+               "plan": plan_to_json(plan).decode(), "device_map": device_map_to_json(dm),
+               "checkpoint_bytes": index.total_bytes, "load_id": load_id}
+    if job.verify_checksums:
+        payload["crc32"] = checksums_of(index)
+    return payload
+
+
+def _refuse_remote_code(job: Job, config: dict | None) -> None:
+    """Rank 0, before reading any weight: model='auto' with an ``auto_map`` config needs
+    ``trust_remote_code=True`` (the same check materialization makes, made before any I/O)."""
+    if job.model == "auto" and config and config.get("auto_map") and not job.trust_remote_code:
+        from orchestrator.errors import RemoteCodeRefusedError
+        raise RemoteCodeRefusedError("config.json asks for remote code (auto_map)", where="config.json",
+                                     got=f"auto_map={config['auto_map']!r}"[:300],
+                                     fix="review that code and pass trust_remote_code=True, or pass model=<factory>")
+
+
+def _check_fits(plan, cluster, index) -> None:
+    """Rank 0: refuse a plan in which a rank owns more bytes than its device (host, for CPU)
+    memory, before any byte is read (a small sparse file can declare a terabyte tensor)."""
+    from orchestrator.errors import DeviceMapError
+    from orchestrator.planner import rank_owned_bytes
+    specs = {r.rank: r for r in cluster.ranks}
+    for rank, owned in enumerate(rank_owned_bytes(plan, {t.name: t.length for t in index.tensors})):
+        spec = specs[rank]
+        if spec.device_memory and owned > spec.device_memory:
+            big = max(index.tensors, key=lambda t: t.length)
+            raise DeviceMapError(
+                "A rank's part of the checkpoint does not fit its memory",
+                where=f"rank {rank} ({spec.device}) on host {spec.node}",
+                expected=f"at most {spec.device_memory:,} bytes", got=f"{owned:,} bytes; largest tensor "
+                f"{big.name!r} in file {big.file!r}: {big.dtype}{list(big.shape)}, {big.length:,} bytes",
+                fix="shard the model over more ranks (device_map='tp' or 'auto'), or check the checkpoint: "
+                    "a header declaring huge tensors is suspect")
+
+
+def checksums_of(index) -> dict[str, list]:
+    """Rank 0, ``verify_checksums``: ``{tensor: [file, crc32]}`` from the files' ``__metadata__``
+    entries ``weightcast.crc32.<tensor>`` (8 hex digits of zlib.crc32 of the tensor's bytes)."""
+    from orchestrator.errors import ConfigError
+    from workers.reader import CRC_PREFIX
+    out = {}
+    for f in index.files:
+        for key, value in f.metadata.items():
+            if key.startswith(CRC_PREFIX):
+                out[key[len(CRC_PREFIX):]] = [f.name, value]
+    if not out:
+        raise ConfigError("verify_checksums needs checksums in the checkpoint", where=index.root,
+                          expected=f"__metadata__ entries '{CRC_PREFIX}<tensor>' in the safetensors headers",
+                          got="none", fix="write them with workers.reader.checksum_metadata(state_dict) as "
+                          "the files' metadata, or load without verify_checksums")
+    return out
 
 
 def _check_cache_files(src) -> None:
@@ -179,9 +231,13 @@ def _phase(group: Group, job: Job, clock: PhaseClock, name: str, fn: Callable[[]
         if job.phase_hook is not None:
             job.phase_hook(name, group.rank)
         result = fn()
-    except Exception as exc:  # noqa: BLE001 - reported to every rank by sync_status
+    except BaseException as exc:  # noqa: BLE001 - reported to every rank by sync_status
+        if isinstance(exc, KeyboardInterrupt) and group.world_size == 1:
+            raise
         error = exc
     clock.stop(name)
+    if error is not None and group.world_size > 1:
+        abort_phase(group, error)  # peers waiting on this rank inside the phase fail now
     try:
         sync_status(group, name, error)
     except BaseException:
@@ -200,12 +256,25 @@ def execute_plan(group: Group, job: Job, payload: dict, device: torch.device, cl
     else:
         from orchestrator.planner import plan_from_json
         plan = plan_from_json(payload["plan"].encode())
-        tensors, stats = _phase(group, job, clock, "transfer", lambda: _move(group, job, payload, plan, device),
+        tensors, stats = _phase(group, job, clock, "transfer",
+                                lambda: _verified(_move(group, job, payload, plan, device), payload, plan, group.rank),
                                 cleanup=lambda: _remove_areas(payload))
     stats.owned_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     owned = owned_of(plan, group.rank) if plan is not None else ()
     result = _phase(group, job, clock, "materialize", lambda: _materialize(group, job, payload, tensors, device, owned))
     return result, stats, plan
+
+
+def _verified(moved: tuple, payload: dict, plan, rank: int) -> tuple:
+    """``verify_checksums``: check every whole tensor this rank owns against the plan's crc32."""
+    from workers.reader import check_crc32
+    crcs = payload.get("crc32")
+    if crcs:
+        whole = {o.name for o in owned_of(plan, rank) if o.dim is None}
+        for name, tensor in moved[0].items():
+            if name in whole and name in crcs:
+                check_crc32(name, crcs[name][0], tensor, crcs[name][1])
+    return moved
 
 
 def _remove_areas(payload: dict) -> None:
@@ -247,6 +316,7 @@ class OwnedTensors(dict):
 def _materialize(group: Group, job: Job, payload: dict, tensors: dict, device: torch.device,
                  plan_owned: tuple = ()):
     dtype = resolve_dtype(job.dtype, payload.get("config"))
+    raw = tensors
     tensors = cast_tensors(tensors, dtype)
     if job.model is None:
         return OwnedTensors(tensors, plan_owned)
@@ -256,8 +326,28 @@ def _materialize(group: Group, job: Job, payload: dict, tensors: dict, device: t
         from workers.tp import materialize_tp
         return materialize_tp(job, payload, tensors, device, group)
     module = build_skeleton(job.model, payload.get("config"), job.trust_remote_code)
+    _check_kinds(module, raw)
     whole_model = dm.strategy == "replicate"
     module = assign(module, tensors, strict=job.strict and whole_model, device=device)
     if not whole_model:
         module.hf_device_map = hf_device_map(dm, group.rank)
     return module
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    return "complex" if dtype.is_complex else "floating point" if dtype.is_floating_point else "integer"
+
+
+def _check_kinds(module: torch.nn.Module, tensors: dict) -> None:
+    """A checkpoint tensor must have the model's kind of dtype (floating point, integer, bool,
+    complex): a cast between float widths is fine, an int8 weight for a float parameter is not."""
+    from orchestrator.errors import ModelMismatchError
+    expected = module.state_dict(keep_vars=True)
+    for name, t in tensors.items():
+        want = expected.get(name)
+        if want is not None and _kind(want.dtype) != _kind(t.dtype):
+            raise ModelMismatchError("A checkpoint tensor's dtype does not fit the model", where=f"tensor {name}",
+                                     expected=f"a {_kind(want.dtype)} tensor (the model has {want.dtype})",
+                                     got=f"{t.dtype}", fix="check that the checkpoint and the model belong together")

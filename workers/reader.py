@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Protocol
 
@@ -102,6 +103,35 @@ def check_stamp(path: str, st: os.stat_result, stamp: FileStamp | None) -> None:
                            expected=f"size {stamp.size}, mtime_ns {stamp.mtime_ns}",
                            got=f"size {st.st_size}, mtime_ns {st.st_mtime_ns}",
                            fix="do not modify a checkpoint while it is loaded; run the load again")
+
+
+CRC_PREFIX = "weightcast.crc32."
+"""``__metadata__`` key prefix of a tensor's checksum: ``weightcast.crc32.<tensor>`` -> 8 hex digits."""
+
+
+def tensor_crc32(tensor) -> int:
+    """zlib.crc32 of a tensor's raw bytes (row-major, as stored in safetensors)."""
+    import torch
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return zlib.crc32(memoryview(flat.view(torch.uint8).numpy())) if flat.numel() else 0
+
+
+def checksum_metadata(tensors: dict) -> dict[str, str]:
+    """``__metadata__`` entries carrying each tensor's crc32, for ``verify_checksums`` loads."""
+    return {f"{CRC_PREFIX}{name}": f"{tensor_crc32(t):08x}" for name, t in tensors.items()}
+
+
+def check_crc32(name: str, file: str, tensor, expected: str) -> None:
+    """Raise StorageError naming the tensor when its bytes do not match ``expected`` (hex)."""
+    got = tensor_crc32(tensor)
+    try:
+        want = int(expected, 16)
+    except ValueError:
+        want = None
+    if got != want:
+        raise StorageError("A tensor's bytes do not match the checksum in the checkpoint", where=f"tensor {name!r} "
+                           f"in file {file!r}", expected=f"crc32 {expected} (__metadata__)", got=f"crc32 {got:08x}",
+                           fix="the file is corrupt or changed during the load: re-download or re-save it")
 
 
 class FakeReader:

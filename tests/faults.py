@@ -1,0 +1,383 @@
+"""Fault injection for the reliability tests: hooks, readers and a fast multi-rank runner.
+
+Injection points (``load_pretrained(phase_hook=..., reader_factory=...)``, or as
+``"tests.faults:phase_hook"`` / ``"tests.faults:reader_factory"`` strings for
+``launch.jobs.load_job``) read what to do from environment variables, so one rank of a job can
+be hit while the others run normally:
+
+- ``WC_FAULT=kind@rank:phase`` for :func:`phase_hook`; kinds: ``kill`` (SIGKILL itself),
+  ``raise`` (a RuntimeError), ``interrupt`` (KeyboardInterrupt), ``kill-on-send`` /
+  ``kill-on-recv`` (SIGKILL itself at its first data collective / receive of the transfer
+  phase), ``rewrite`` / ``truncate`` (the
+  rank rewrites / truncates ``WC_FAULT_FILE`` after planning; every rank then waits at a
+  barrier so nobody reads before).
+- ``WC_READ=kind@rank`` for :func:`reader_factory`; kinds in :class:`FaultReader`.
+  ``WC_READ_LOG``: a file every read is appended to as a JSON line ``[rank, file, offset, length]``.
+- ``WC_MARK``: a directory; a rank about to die writes ``death.json`` there (its rank,
+  ``time.time()`` and its open staging areas), so tests can measure the time from a death to
+  each survivor's error.
+
+:func:`run_ranks` runs a scenario function on N local ranks forked from a forkserver that has
+imported torch once (a rank starts in milliseconds instead of seconds), either letting
+weightcast create the process group from the torchrun environment or creating it first, as a
+user script does (``dist.init_process_group`` with its default 30-minute timeout).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+# ------------------------------------------------------------------ environment-driven faults
+
+
+def _spec(var: str) -> tuple[str, int, str] | None:
+    """``kind@rank[:phase]`` from the environment -> (kind, rank, phase)."""
+    text = os.environ.get(var)
+    if not text:
+        return None
+    kind, _, where = text.partition("@")
+    rank, _, phase = where.partition(":")
+    return kind, int(rank), phase
+
+
+def _my_rank() -> int:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def mark_death(rank: int) -> None:
+    """Write ``WC_MARK/death.json``: rank, wall time and the staging areas this process holds."""
+    mark = os.environ.get("WC_MARK")
+    if mark:  # several threads may die at once: each writes its own file, then renames it
+        tmp = os.path.join(mark, f".death-{os.getpid()}-{threading.get_ident()}")
+        with open(tmp, "w") as fh:
+            json.dump({"rank": rank, "time": time.time(), "areas": open_shm_areas()}, fh)
+        os.replace(tmp, os.path.join(mark, "death.json"))
+
+
+def open_shm_areas() -> list[str]:
+    """Paths of ``/dev/shm/weightcast-*`` staging areas this process has open or mapped."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    with open("/proc/self/maps") as fh:
+        found.update(line.split(None, 5)[-1].strip() for line in fh if "/dev/shm/weightcast-" in line)
+    return sorted(p for p in found if p.startswith("/dev/shm/weightcast-"))
+
+
+def die(rank: int) -> None:
+    mark_death(rank)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def phase_hook(phase: str, rank: int) -> None:
+    """``phase_hook`` for load_pretrained: apply ``WC_FAULT`` when it names this rank and phase."""
+    spec = _spec("WC_FAULT")
+    if spec is None:
+        return
+    kind, target, at = spec
+    if kind in ("rewrite", "truncate") and phase == at:
+        _change_file_then_barrier(kind, rank == target)
+        return
+    if rank != target or phase != at:
+        return
+    if kind == "kill":
+        die(rank)
+    elif kind == "raise":
+        mark_death(rank)
+        raise RuntimeError(f"injected failure on rank {rank} in phase {phase}")
+    elif kind == "interrupt":
+        mark_death(rank)
+        raise KeyboardInterrupt
+    elif kind in ("kill-on-send", "kill-on-recv"):
+        _kill_at_first_data_collective(rank, kind == "kill-on-recv")
+
+
+def _kill_at_first_data_collective(rank: int, receive_only: bool) -> None:
+    """Replace torch.distributed's data collectives in this process (all of them, or only the
+    receives) by ones that SIGKILL it: the transfer phase calls them through the module, so the
+    rank dies in the middle of the exchange."""
+    import torch.distributed as dist
+
+    def dying(*args: Any, **kwargs: Any) -> None:
+        die(rank)
+
+    for name in ("irecv", "recv") if receive_only else ("broadcast", "isend", "irecv", "send", "recv"):
+        setattr(dist, name, dying)
+
+
+def _change_file_then_barrier(kind: str, mine: bool) -> None:
+    """One rank rewrites (same size, new mtime) or truncates ``WC_FAULT_FILE``; then all wait."""
+    import torch.distributed as dist
+    if mine:
+        path = os.environ["WC_FAULT_FILE"]
+        if kind == "truncate":
+            os.truncate(path, os.path.getsize(path) - 4)
+        else:
+            with open(path, "r+b") as fh:
+                data = bytearray(fh.read())
+                data[-1] ^= 0xFF
+                fh.seek(0)
+                fh.write(data)
+            st = os.stat(path)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+class FaultReader:
+    """Wraps a reader: logs every request (``WC_READ_LOG``) and applies ``WC_READ`` on its rank.
+
+    ``short``, ``eof`` and ``eio`` act below the FileReader, on ``os.preadv`` (so its own
+    handling is what is tested): ``short`` returns half of what each call asks for (a partial
+    read the reader must complete), ``eof`` returns 0 (the file ended early), ``eio`` raises
+    OSError(EIO). ``kill`` SIGKILLs the rank at its first read; ``slow`` sleeps ``WC_READ_DELAY``.
+    """
+
+    def __init__(self, inner: Any, rank: int) -> None:
+        self.inner, self.rank = inner, rank
+        spec = _spec("WC_READ")
+        self.kind = spec[0] if spec is not None and spec[1] == rank else None
+        self.delay = float(os.environ.get("WC_READ_DELAY", "0"))
+        self.log = os.environ.get("WC_READ_LOG")
+        self._real_preadv = None
+        if self.kind in ("short", "eof", "eio"):
+            self._real_preadv = os.preadv
+            os.preadv = self._preadv
+
+    def _preadv(self, fd: int, buffers: list, offset: int) -> int:
+        if self.kind == "eio":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        if self.kind == "eof":
+            return 0
+        view = memoryview(buffers[0]).cast("B")
+        return self._real_preadv(fd, [view[:max(1, len(view) // 2)]], offset)
+
+    @property
+    def bytes_read(self) -> int:
+        return self.inner.bytes_read
+
+    def read_into(self, file: str, offset: int, dest: memoryview) -> None:
+        view = memoryview(dest).cast("B")
+        if self.log:
+            with open(self.log, "a") as fh:
+                fh.write(json.dumps([self.rank, file, offset, len(view)]) + "\n")
+        if self.kind == "kill":
+            die(self.rank)
+        if self.kind == "slow":
+            time.sleep(self.delay)
+        self.inner.read_into(file, offset, view)
+
+    def close(self) -> None:
+        if self._real_preadv is not None:
+            os.preadv = self._real_preadv
+        self.inner.close()
+
+
+def reader_factory(root: str, stamps: Any) -> FaultReader:
+    """``reader_factory`` for load_pretrained: the real FileReader wrapped by :class:`FaultReader`."""
+    from workers.reader import FileReader
+    return FaultReader(FileReader(root, stamps), _my_rank())
+
+
+def timed_load_job(args: dict) -> dict:
+    """``launch.jobs.load_job`` that records when this rank's error was raised (``WC_MARK``)."""
+    from launch.jobs import load_job
+    try:
+        return load_job(args)
+    except BaseException:
+        _record_error_time()
+        raise
+
+
+def _record_error_time() -> None:
+    mark = os.environ.get("WC_MARK")
+    if mark:
+        with open(os.path.join(mark, f"error-{_my_rank()}.json"), "w") as fh:
+            json.dump({"time": time.time()}, fh)
+
+
+# ------------------------------------------------------------------ forked ranks
+
+
+@dataclass
+class Outcome:
+    """What one rank did: ``value`` is the scenario's return value, or ``error``/``error_type``
+    of what it raised; ``t_error`` the wall time it raised at; ``exitcode`` as multiprocessing
+    reports it (-9: SIGKILLed)."""
+    rank: int
+    pid: int
+    exitcode: int | None
+    value: Any = None
+    error_type: str | None = None
+    error: str | None = None
+    t_error: float | None = None
+
+
+_CTX: Any = None
+
+
+def _context() -> Any:
+    global _CTX
+    if _CTX is None:
+        _CTX = multiprocessing.get_context("forkserver")
+        _CTX.set_forkserver_preload(["torch", "torch.distributed", "workers.api", "tests.faults"])
+    return _CTX
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(nproc: int, scenario: Callable[[dict], Any], args: dict, *, env: dict[str, str] | None = None,
+              user_group: bool = False, timeout: float = 60.0, nodes: list[str] | None = None
+              ) -> list[Outcome]:
+    """Run ``scenario(args)`` on ``nproc`` forked local ranks and return each rank's Outcome.
+
+    ``user_group``: each rank calls ``dist.init_process_group("gloo")`` itself (default
+    timeout) before the scenario; else weightcast creates it from the torchrun environment.
+    Ranks still alive after ``timeout`` seconds are killed (their Outcome has exitcode -9 and
+    no value): a test asserting clean exits then fails.
+    """
+    ctx = _context()
+    port = free_port()
+    tmp = tempfile.mkdtemp(prefix="weightcast-faults-")
+    procs = []
+    for rank in range(nproc):
+        out = os.path.join(tmp, f"rank{rank}.json")
+        rank_env = dict(env or {}, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                        WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc))
+        if nodes:
+            rank_env["WEIGHTCAST_NODE"] = nodes[rank]
+            same = [r for r in range(nproc) if nodes[r] == nodes[rank]]
+            rank_env.update(LOCAL_RANK=str(same.index(rank)), LOCAL_WORLD_SIZE=str(len(same)))
+        p = ctx.Process(target=_rank_main, args=(scenario, args, rank_env, user_group, out), daemon=True)
+        p.start()
+        procs.append(p)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(10)
+    return [_outcome(rank, p, os.path.join(tmp, f"rank{rank}.json")) for rank, p in enumerate(procs)]
+
+
+def _outcome(rank: int, p: Any, path: str) -> Outcome:
+    out = Outcome(rank=rank, pid=p.pid, exitcode=p.exitcode)
+    if os.path.exists(path):
+        with open(path) as fh:
+            for key, value in json.load(fh).items():
+                setattr(out, key, value)
+    return out
+
+
+def _rank_main(scenario: Callable[[dict], Any], args: dict, env: dict[str, str], user_group: bool,
+               out: str) -> None:
+    """One forked rank: set the environment, maybe create the group, run, write the outcome."""
+    os.environ.update(env)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    result: dict[str, Any] = {}
+    try:
+        if user_group:
+            dist.init_process_group("gloo", init_method="env://")  # the default 30-minute timeout
+        result["value"] = scenario(args)
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        result.update(error_type=type(exc).__name__, error=str(exc), t_error=time.time())
+    tmp = out + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(result, fh, default=str)
+    os.replace(tmp, out)
+    os._exit(0 if "value" in result else 2)  # no interpreter teardown: it may wait on a dead peer
+
+
+def load_scenario(args: dict) -> dict:
+    """Scenario: one ``load_pretrained`` with this module's hooks -> ``{tensor: crc32}`` of
+    what this rank got (``model: "seq"`` uses :func:`seq_model`)."""
+    from workers.api import load_pretrained
+    from workers.reader import tensor_crc32
+    kwargs = dict(args)
+    source = kwargs.pop("source")
+    if kwargs.get("model") == "seq":
+        kwargs["model"] = seq_model
+    result = load_pretrained(source, phase_hook=phase_hook, reader_factory=reader_factory, progress=False,
+                             **kwargs)
+    tensors = result if isinstance(result, dict) else result.state_dict()
+    return {name: tensor_crc32(t) for name, t in tensors.items()}
+
+
+def sequence_scenario(args: dict) -> list[dict]:
+    """Scenario: several loads in a row in the same process group, each with its own ``env``
+    (WC_* variables) and load arguments: ``args = {"load": {...}, "cases": [{"env", "load"}]}``.
+    -> per case ``{"value": ...}`` or ``{"type", "error"}``, and ``seconds``."""
+    out = []
+    for case in args["cases"]:
+        saved = {k: v for k, v in os.environ.items() if k.startswith("WC_")}
+        os.environ.update(case.get("env", {}))
+        start = time.monotonic()
+        try:
+            out.append({"value": load_scenario({**args["load"], **case.get("load", {})})})
+        except Exception as exc:  # noqa: BLE001 - compared by the test
+            out.append({"type": type(exc).__name__, "error": str(exc)})
+        out[-1]["seconds"] = time.monotonic() - start
+        for key in [k for k in os.environ if k.startswith("WC_")]:
+            del os.environ[key]
+        os.environ.update(saved)
+    return out
+
+
+def seq_model() -> Any:
+    """``Sequential(Linear(4, 3), Linear(3, 2))``; on rank ``WC_BAD_MODEL_RANK`` the first layer
+    is ``Linear(4, 5)`` (a model that does not match the checkpoint on one rank only)."""
+    import torch
+    bad = os.environ.get("WC_BAD_MODEL_RANK")
+    width = 5 if bad is not None and int(bad) == _my_rank() else 3
+    return torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Linear(3, 2))
+
+
+def seq_tensors() -> dict:
+    """The state dict :func:`seq_model` expects (fixed values)."""
+    import torch
+    g = torch.Generator().manual_seed(3)
+    return {"0.weight": torch.randn(3, 4, generator=g), "0.bias": torch.randn(3, generator=g),
+            "1.weight": torch.randn(2, 3, generator=g), "1.bias": torch.randn(2, generator=g)}
+
+
+def stray_processes() -> list[Any]:
+    """Descendants of this process other than multiprocessing's forkserver and resource tracker
+    (which serve every test): what a test must not leave behind."""
+    import psutil
+    me = os.getpid()
+    out = []
+    for child in psutil.Process(me).children(recursive=True):
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            server = child.ppid() == me and any(
+                "multiprocessing.forkserver" in a or "resource_tracker" in a for a in child.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if not server:  # ranks forked by the server share its command line but not its parent
+            out.append(child)
+    return out
