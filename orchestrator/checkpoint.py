@@ -283,10 +283,17 @@ def load_index(path: str | os.PathLike, *, cache_root: str | None = None) -> Che
     """
     root, mode, name = _locate_path(os.path.abspath(os.fspath(path)))
     allowed = allowed_dirs(root, cache_root)
+    in_cache = bool(cache_root or find_hf_cache_root(root))
     if mode == "single":
+        if in_cache:
+            _check_cache_file(root, [name])
         entry, tensors = _file_entries(root, name, allowed)
         return _build(root, [entry], {name: tensors}, {})
+    if in_cache:
+        _check_cache_file(root, [name])
     weight_map, metadata = read_weight_map(root, name, allowed)
+    if in_cache:  # a broken cache names the file and `weightcast cache verify`, never a parse error
+        _check_cache_file(root, sorted(set(weight_map.values())))
     files: list[FileEntry] = []
     headers: dict[str, dict[str, HeaderTensor]] = {}
     for file in sorted(set(weight_map.values())):
@@ -295,3 +302,8 @@ def load_index(path: str | os.PathLike, *, cache_root: str | None = None) -> Che
     _cross_check(name, weight_map, headers)
     _check_total_size(name, metadata, sum(t.end - t.begin for h in headers.values() for t in h.values()))
     return _build(root, files, headers, metadata)
+
+
+def _check_cache_file(root: str, names: list[str]) -> None:
+    from orchestrator.cache_doctor import check_snapshot_files
+    check_snapshot_files(root, names)

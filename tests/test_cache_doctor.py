@@ -417,3 +417,15 @@ def test_a_cache_copied_with_cp_rL_is_repaired_to_one_copy_per_blob(cache, tmp_p
     code, out = repair_cli(capsys, moved)
     assert code == 0 and out.count("linked") == 2 and "identical" in out
     assert_healthy(moved)
+
+
+@pytest.mark.parametrize("command", ["inspect", "plan"])
+def test_inspect_and_plan_on_a_broken_cache_name_the_file_and_the_next_step(cache, command, capsys):
+    from launch.cli import main
+
+    make_text_link(cache, MODEL)
+    argv = [command, cache.snapshot_dir] + (["--nodes", "1", "--cpus-per-node", "2"] if command == "plan" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert MODEL in err and "weightcast cache verify" in err
+    assert "header" not in err.lower() and "Traceback" not in err
