@@ -108,6 +108,8 @@ def _load(group: Group, job: Job, want_report: bool) -> tuple[Any, dict | None]:
     report.owned_bytes = stats.owned_bytes
     report.seconds = clock.elapsed()
     report.phases = clock.phases
+    for name, start, end in stats.events:  # read / transfer / views inside the move phase
+        report.phases[name] = [start - clock.t0, end - clock.t0]
     if not want_report:
         return result, None
     _touch(result)

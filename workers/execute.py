@@ -296,7 +296,7 @@ def _move(group: Group, job: Job, payload: dict, plan, device: torch.device):
             from workers.staging import reclaim_stale, run_node_shared
             if group.local_rank == 0:
                 reclaim_stale()
-            return run_node_shared(group, plan, root, reader, payload["load_id"], job.threads)
+            return run_node_shared(group, plan, root, reader, payload["load_id"], job.threads, job.progress)
         from workers.transfer import run_collective
         return run_collective(group, plan, reader, device, job.threads)
     finally:

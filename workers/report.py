@@ -102,7 +102,8 @@ def plot_timeline(reports: list[LoadReport], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    colors = {"plan": "#999999", "read": "#1f77b4", "transfer": "#ff7f0e", "materialize": "#2ca02c"}
+    colors = {"plan": "#999999", "read": "#1f77b4", "transfer": "#ff7f0e", "views": "#9467bd",
+              "materialize": "#2ca02c"}
     fig, ax = plt.subplots(figsize=(8, 1 + 0.4 * len(reports)))
     for r in reports:
         for phase, (a, b) in r.phases.items():
