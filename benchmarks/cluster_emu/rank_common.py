@@ -111,7 +111,8 @@ def counters(args: argparse.Namespace) -> dict:
     links = {item["ifname"]: {"rx": item["stats64"]["rx"]["bytes"], "tx": item["stats64"]["tx"]["bytes"]}
              for item in json.loads(out) if item["ifname"].startswith("p")}
     return {"storage_bytes": stats["total_bytes"], "storage_clients": stats["clients"],
-            "links": links, "time": time.time()}
+            "storage_cpu_s": stats.get("cpu_s", 0.0), "links": links, "time": time.time(),
+            "loadavg": os.getloadavg()[0]}
 
 
 def delta(before: dict, after: dict) -> dict:
@@ -122,7 +123,8 @@ def delta(before: dict, after: dict) -> dict:
     return {"storage_bytes": after["storage_bytes"] - before["storage_bytes"],
             "storage_clients": {k: v for k, v in clients.items() if v},
             "link_bytes": sum(v["rx"] for v in links.values()),
-            "links": links}
+            "links": links, "storage_cpu_s": after.get("storage_cpu_s", 0) - before.get("storage_cpu_s", 0),
+            "loadavg": [before.get("loadavg"), after.get("loadavg")]}
 
 
 def _trial(load: LoadFn, args: argparse.Namespace, ident: dict) -> dict | None:

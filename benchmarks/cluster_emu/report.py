@@ -67,13 +67,16 @@ def summarize(key: str, result: dict, topo: Topology, ckpt_bytes: int) -> dict:
     storage = [t["storage_bytes"] for t in trials]
     links = [t["link_bytes"] for t in trials]
     busiest = [max((max(v.values()) for v in t.get("links", {}).values()), default=0) for t in trials]
+    loads = [x for t in trials for x in t.get("loadavg", []) if x is not None]
     return {**row, "trials": len(trials), "wall_min_s": min(walls),
             "wall_median_s": statistics.median(walls), "walls_s": walls,
             "storage_bytes": int(statistics.median(storage)),
             "storage_x": statistics.median(storage) / ckpt_bytes,
             "link_bytes": int(statistics.median(links)),
             "busiest_link_bytes": int(statistics.median(busiest)),
-            "peak_rss_bytes": int(statistics.median(peak)), "pss_bytes": int(statistics.median(pss))}
+            "peak_rss_bytes": int(statistics.median(peak)), "pss_bytes": int(statistics.median(pss)),
+            "storage_cpu_s": statistics.median(t.get("storage_cpu_s", 0.0) for t in trials),
+            "loadavg_max": max(loads, default=None)}
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -140,7 +140,8 @@ def sweep_one(topo: Topology, keys: list[str], src: str, size: int, results_dir:
         rows.append(row)
         if "error" not in row:
             print(f"  {spec.label:<22} {row['wall_median_s']:7.2f} s  storage {row['storage_x']:.2f}x"
-                  f"  links {row['link_bytes'] / 1e9:.2f} GB", flush=True)
+                  f"  links {row['link_bytes'] / 1e9:.2f} GB  (load average up to "
+                  f"{row['loadavg_max'] or 0:.1f})", flush=True)
     data["runs"][f"{topo.nodes}n"] = {"results": results, "seconds": time.monotonic() - t0}
     return rows
 

@@ -60,7 +60,8 @@ class Counters:
             data = {"total_bytes": self.total_bytes, "requests": self.requests,
                     "max_request": self.max_request, "throttled_s": round(self.throttled_s, 6),
                     "rate_bytes_per_s": self.rate, "clients": dict(self.clients),
-                    "views": dict(self.views), "time": time.time(), "pid": os.getpid()}
+                    "views": dict(self.views), "time": time.time(), "pid": os.getpid(),
+                    "cpu_s": time.process_time()}
         return (json.dumps(data, sort_keys=True) + "\n").encode()
 
 
