@@ -135,22 +135,49 @@ def parse_shard_size(value: int | str) -> int:
     return size
 
 
-def merge_order(manifests: list[Manifest]) -> list[str]:
-    """One order of every held tensor, consistent with each rank's own order.
+def natural_key(name: str) -> list[tuple]:
+    """Sort key of state-dict names: dot-separated parts, numbers numerically (``layers.2`` before
+    ``layers.10``, ``shard_2`` before ``shard_11``). Sorted this way is the order transformers'
+    ``save_pretrained`` writes a model loaded with ``from_pretrained``."""
+    parts: list[tuple] = []
+    for part in name.split("."):
+        if part.isdigit():
+            parts.append((0, int(part)))
+            continue
+        text = part.rstrip("0123456789")
+        digits = part[len(text):]
+        parts.append((1, text, int(digits)) if digits else (1, text))
+    return parts
 
-    Each rank's sequence is its ``order`` hint followed by the held names it leaves out; the
-    union of consecutive pairs is sorted topologically, ties (and any contradiction between
-    ranks) broken by (lowest rank that lists the name, position there). With one rank knowing
-    the full order (a model's state dict), that order is the result.
+
+def merge_order(manifests: list[Manifest]) -> list[str]:
+    """One order of every held tensor.
+
+    When some rank gives an order hint (a model's full state-dict order, or ``order=``), the
+    hints decide: they are merged (see :func:`_topo_merge`) and held names no hint lists follow
+    in the ranks' own order. Without hints, the ranks' own orders are merged. With one rank
+    knowing the full order, that order is the result.
     """
+    ranked = sorted(manifests, key=lambda m: m.rank)
+    held_seqs = [[h.name for h in m.held] for m in ranked]
+    hints = [list(m.order) for m in ranked if m.order]
+    merged = _topo_merge(hints) if hints else []
+    listed = set(merged)
+    rest = _topo_merge([[n for n in seq if n not in listed] for seq in held_seqs])
+    held = {n for seq in held_seqs for n in seq}
+    return [n for n in merged + rest if n in held]
+
+
+def _topo_merge(seqs: list[list[str]]) -> list[str]:
+    """The union of consecutive pairs of every sequence, sorted topologically; ties (and any
+    contradiction between sequences) broken by (first sequence listing the name, position)."""
     prio: dict[str, tuple[int, int]] = {}
     succ: dict[str, set[str]] = {}
     indeg: dict[str, int] = {}
-    held = {h.name for m in manifests for h in m.held}
-    for m in sorted(manifests, key=lambda m: m.rank):
-        seq = list(dict.fromkeys([*m.order, *(h.name for h in m.held)]))
+    for k, seq in enumerate(seqs):
+        seq = list(dict.fromkeys(seq))
         for i, name in enumerate(seq):
-            prio.setdefault(name, (m.rank, i))
+            prio.setdefault(name, (k, i))
             succ.setdefault(name, set())
             indeg.setdefault(name, 0)
         for a, b in zip(seq, seq[1:]):
@@ -174,7 +201,7 @@ def merge_order(manifests: list[Manifest]) -> list[str]:
             indeg[nxt] -= 1
             if indeg[nxt] == 0 and nxt not in done:
                 heapq.heappush(ready, (prio[nxt], nxt))
-    return [n for n in out if n in held]
+    return out
 
 
 def _holders(manifests: list[Manifest]) -> dict[str, list[tuple[int, Held]]]:
@@ -263,9 +290,10 @@ def plan_save(manifests: list[Manifest], max_shard_size: int | str, *, save_id: 
     for name, hs in holders.items():
         _check_cover(name, hs)
     order = merge_order(manifests)
+    pattern = WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors")
     split = split_state_dict_into_shards_factory({n: holders[n][0][1].nbytes for n in order},
                                                  get_storage_size=lambda n: n, max_shard_size=limit,
-                                                 filename_pattern=WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors"))
+                                                 filename_pattern=pattern)
     groups = list(split.filename_to_tensors.items())
     world = world_size or (max(m.rank for m in manifests) + 1)
     writers = _assign_writers([names for _, names in groups], holders, world)

@@ -135,6 +135,10 @@ def test_merge_order_follows_the_rank_that_knows_everything() -> None:
     ms = [Manifest(0, (held("t0", (1,)), held("t4", (1,))), tuple(full)),
           Manifest(1, (held("t5", (1,)), held("t1", (1,)), held("t2", (1,)), held("t3", (1,))))]
     assert merge_order(ms) == full
+    # another rank's own (file) order never overrides a hint; names no hint lists go last
+    ms = [Manifest(0, (held("a", (1,)),), ("a", "b", "c", "d")),
+          Manifest(1, (held("x", (1,)), held("d", (1,)), held("c", (1,)), held("b", (1,))))]
+    assert merge_order(ms) == ["a", "b", "c", "d", "x"]
     # without any hint, each rank's own order is kept and rank 0 goes first
     ms = [Manifest(0, (held("a", (1,)), held("c", (1,)))), Manifest(1, (held("b", (1,)), held("c", (1,))))]
     assert merge_order(ms) == ["a", "b", "c"]
@@ -195,15 +199,22 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_module_save_matches_transformers(tmp_path, tied: bool) -> None:
+@pytest.mark.parametrize("made", ["fresh-tied", "fresh-untied", "from_pretrained"])
+def test_module_save_matches_transformers(ref, tmp_path, made: str) -> None:
+    """A model made from scratch (state-dict order) or loaded with from_pretrained (natural
+    name order, as transformers re-saves it): the same files, weight map and tensors."""
     from transformers import AutoModelForCausalLM
     from workers.save import save_pretrained
     want = tmp_path / "hf"
-    model = save_tiny_llama(want, tied=tied, max_shard_size=SHARD)
+    tied = made != "fresh-untied"
+    if made == "from_pretrained":
+        model = AutoModelForCausalLM.from_pretrained(ref[0])
+        model.save_pretrained(want, max_shard_size="150KB")
+    else:
+        model = save_tiny_llama(want, tied=tied, max_shard_size="150KB")
     out = tmp_path / "ours"
-    save_pretrained(model, out, max_shard_size=SHARD)
-    assert layout(out) == layout(want)
+    save_pretrained(model, out, max_shard_size="150KB")
+    assert layout(out) == layout(want) and len(layout(out)[0]) > 1
     ours, theirs = read_checkpoint(out), read_checkpoint(want)
     assert ours.keys() == theirs.keys() and ("lm_head.weight" in ours) is not tied
     for k in theirs:
@@ -213,6 +224,14 @@ def test_module_save_matches_transformers(tmp_path, tied: bool) -> None:
     assert os.stat(out).st_mode & 0o777 == 0o755
     again = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(logits(again), logits(model))
+
+
+def test_natural_order_is_transformers_order() -> None:
+    from transformers.core_model_loading import dot_natural_key
+    from orchestrator.save_plan import natural_key
+    names = ["m.layers.10.w", "m.layers.2.w", "m.shard_11", "m.shard_2", "b", "m.0", "m.x1y", "lm_head.weight",
+             "m.layers.2.mlp.experts.10.w", "m.layers.2.mlp.experts.9.w", "m.norm.weight", "m.embed.weight"]
+    assert sorted(names, key=natural_key) == sorted(names, key=dot_natural_key)
 
 
 def test_single_file_and_plain_dict_with_ties(tmp_path) -> None:
@@ -362,3 +381,57 @@ def test_ranks_disagreeing_about_a_tensor(ref, tmp_path) -> None:
                     timeout=120)
     assert all("PlanError" in r.value["error"] and "disagree" in r.value["error"] for r in results)
     assert not os.path.exists(out) and leftovers(out) == []
+
+
+# ---------------------------------------------------------------- with weightcast's loader and CLI
+
+def test_weightcast_loads_what_several_ranks_saved(ref, tmp_path, monkeypatch) -> None:
+    from workers.api import load_pretrained
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+    root, model = ref
+    out = str(tmp_path / "out")
+    results = spawn(3, "tests.test_save:rank_save", save_args(root, llama_order(model), out), timeout=120)
+    assert all(r.value["ok"] for r in results)
+    got, want = load_pretrained(out, model=None), read_checkpoint(root)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    assert torch.equal(logits(load_pretrained(out)), logits(model))
+
+
+def test_cli_resaves_in_place_tensor_parallel_and_cast(ref, tmp_path, capsys) -> None:
+    """``weightcast save SRC SRC``: loaded as tensor-parallel slices on 2 ranks, cast to bf16,
+    re-sharded, swapped in over the files it was loaded from; transformers' layout for the
+    same bf16 model, the other files of the directory kept."""
+    import shutil
+    from transformers import AutoModelForCausalLM
+    from launch.cli import main
+    root, model = ref
+    work = str(tmp_path / "ckpt")
+    shutil.copytree(root, work)
+    want = tmp_path / "hf"
+    bf16 = AutoModelForCausalLM.from_pretrained(root, dtype=torch.bfloat16)
+    bf16.save_pretrained(want, max_shard_size="150KB")
+    assert main(["save", work, work, "--nproc", "2", "--device-map", "tp", "--max-shard-size", "150KB",
+                 "--dtype", "bfloat16", "--timeout", "60"]) == 0
+    assert "saved 20 tensors" in capsys.readouterr().out
+    assert layout(work) == layout(want) and len(layout(work)[0]) > 1
+    got = read_checkpoint(work)
+    assert all(torch.equal(got[k], v) for k, v in read_checkpoint(want).items())
+    assert json.load(open(os.path.join(work, "config.json")))["dtype"] == "bfloat16"
+    assert os.path.exists(os.path.join(work, "generation_config.json")) and leftovers(work) == []
+    assert all(os.stat(os.path.join(work, f)).st_mode & 0o777 == 0o644 for f in os.listdir(work))
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(work)), logits(bf16))
+
+
+def test_cli_errors_exit_2(tmp_path, capsys) -> None:
+    from launch.cli import main
+    write_sharded(tmp_path / "src", shards=2)
+    assert main(["save", str(tmp_path / "src"), str(tmp_path / "out"), "--max-shard-size", "lots"]) == 2
+    assert "max_shard_size" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["save", str(tmp_path / "src"), str(tmp_path / "file"), "--nproc", "2", "--timeout", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "not a directory" in err and "Traceback" not in err
+    assert (tmp_path / "file").read_text() == "x"

@@ -277,8 +277,10 @@ def _error(verdict: dict) -> LoadError:
                 else "the target directory was not changed")
     if verdict["kind"] == "error":
         rank = verdict["rank"]
-        return LoadError(f"The save failed during {phase} on rank {rank}", where=f"rank {rank} on host {verdict['node']}",
-                         got=f"{verdict['type']}: {verdict['msg'].rstrip('.')}", fix=f"fix the cause on that rank and save again; {fix_tail}")
+        return LoadError(f"The save failed during {phase} on rank {rank}",
+                         where=f"rank {rank} on host {verdict['node']}",
+                         got=f"{verdict['type']}: {verdict['msg'].rstrip('.')}",
+                         fix=f"fix the cause on that rank and save again; {fix_tail}")
     ranks = verdict["ranks"]
     if ranks is None:
         who, how = "rank 0 (or the rendezvous store it serves)", "stopped responding"

@@ -54,7 +54,7 @@ def collect(state: Any, rank: int, *, owned: Any = None, order: list[str] | None
         config = config if config is not None else module_config(state, tensors)
     elif isinstance(state, Mapping):
         tensors = _untie(dict(state))
-        known = list(state)
+        known = []  # a dict's own order is its held order (no hint about other ranks' tensors)
     else:
         raise ConfigError("save_pretrained needs a state dict or a torch.nn.Module", got=type(state).__name__,
                           fix="pass model.state_dict(), the dict load_pretrained returned, or the model")
@@ -69,7 +69,7 @@ def collect(state: Any, rank: int, *, owned: Any = None, order: list[str] | None
         t, sl = _dtensor_local(name, t, sl=slices.get(name))
         held.append(_held(name, t, sl))
         local[name] = t.detach()
-    known = list(dict.fromkeys([*(order or []), *(n for n in known if n in tensors)]))
+    known = list(dict.fromkeys([*(order or []), *(n for n in known if n in tensors)]))  # the order hint
     return Collected(local, Manifest(rank, tuple(held), tuple(known)), _json_config(config))
 
 
@@ -79,11 +79,29 @@ def _module_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], lis
     if "transformers" in sys.modules and hasattr(module, "config"):
         from transformers import PreTrainedModel
         if isinstance(module, PreTrainedModel):
-            from transformers.modeling_utils import remove_tied_weights_from_state_dict
-            sd = remove_tied_weights_from_state_dict(dict(sd), module)
+            sd = _transformers_state(module, sd)
             return sd, list(sd)
     sd = _untie(dict(sd))
     return sd, list(sd)
+
+
+def _transformers_state(model: Any, sd: dict) -> dict:
+    """What transformers' ``save_pretrained`` writes: tied keys dropped, the load-time weight
+    conversions reverted (original names; a model from ``from_pretrained`` comes out in
+    natural name order). Held by several ranks, a conversion that needs tensors this rank
+    lacks is skipped (the names stay as the model has them)."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    sd = remove_tied_weights_from_state_dict(dict(sd), model)
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return sd
+    try:
+        return dict(revert_weight_conversion(model, sd))
+    except Exception:
+        if not any(isinstance(t, torch.Tensor) and t.is_meta for t in sd.values()):
+            raise
+        return sd
 
 
 def _untie(sd: dict[str, Any]) -> dict[str, Any]:
