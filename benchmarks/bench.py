@@ -5,15 +5,15 @@
 1. records the machine (cores, memory, kernel, CPU, versions, load average);
 2. makes or fetches the checkpoints (:mod:`benchmarks.checkpoints`);
 3. measures the physical limits (:mod:`benchmarks.physical`) on the largest checkpoint;
-4. for every checkpoint and N: one torchrun job running every applicable loader ``trials``
-   times, trials of different loaders interleaved, the page cache warmed right before each
-   trial (:mod:`benchmarks.jobs`, :mod:`benchmarks.rank`);
-5. the cold set: the replicate loaders at ``cold_nproc`` ranks, each file dropped from the
-   page cache (``posix_fadvise(DONTNEED)``) before each trial;
-6. end to end: fresh torchrun jobs, clock started before launching torchrun and stopped when
+4. for every N: one torchrun job running every applicable loader on every checkpoint
+   ``trials`` times, trials of different loaders interleaved, the page cache warmed right
+   before each trial (:mod:`benchmarks.jobs`, :mod:`benchmarks.rank`); at ``cold_nproc`` the
+   same job then runs the cold set: the replicate loaders on the first checkpoint, each file
+   dropped from the page cache (``posix_fadvise(DONTNEED)``) before each trial;
+5. end to end: fresh torchrun jobs, clock started before launching torchrun and stopped when
    every rank has loaded and touched every page (page cache warmed just before the launch);
-7. ``weightcast plan --simulate`` with the measured bandwidths (:mod:`benchmarks.simulate`);
-8. with ``gpu``, the CUDA figures (:mod:`benchmarks.gpu`);
+6. ``weightcast plan --simulate`` with the measured bandwidths (:mod:`benchmarks.simulate`);
+7. with ``gpu``, the CUDA figures (:mod:`benchmarks.gpu`);
 
 then summarizes, writes the JSON results, the plots and the markdown (:mod:`benchmarks.markdown`).
 """
@@ -174,29 +174,44 @@ def _fst_indivisible(source: str, dims: dict, world: int) -> str | None:
     return None
 
 
-def _run_set(suite: Suite, opts: Options, prog: Progress, name: str, world: int, loaders: tuple[str, ...],
-             mode: str, trials: int) -> None:
-    info = suite.checkpoints[name]
-    runnable = []
-    for loader in loaders:
-        why = skip_reason(loader, info["path"], world)
-        if why:
-            suite.skipped.append({"checkpoint": name, "world": world, "mode": mode, "loader": loader, "reason": why})
-        else:
-            runnable.append(loader)
-    steps = [[loader, t] for t in range(trials) for loader in runnable]
-    workdir = os.path.join(opts.out, "runs")
+def plan_steps(suite: Suite, opts: Options, world: int) -> list[list]:
+    """The steps of the job on ``world`` ranks: warm trials of every checkpoint, loaders
+    interleaved, then (at ``cold_nproc``) the cold trials of the first checkpoint. Loaders that
+    cannot run are recorded in ``suite.skipped`` instead."""
+    sets = [(name, "warm", opts.loaders, opts.trials) for name in suite.checkpoints]
+    if world == opts.cold_nproc:
+        sets.append((next(iter(suite.checkpoints)), "cold", opts.cold_loaders, opts.cold_trials))
+    steps = []
+    for name, mode, loaders, trials in sets:
+        runnable = []
+        for loader in loaders:
+            why = skip_reason(loader, suite.checkpoints[name]["path"], world)
+            if why:
+                suite.skipped.append({"checkpoint": name, "world": world, "mode": mode, "loader": loader,
+                                      "reason": why})
+            else:
+                runnable.append(loader)
+        steps += [[loader, t, name, mode] for t in range(trials) for loader in runnable]
+    return steps
 
+
+def _sources(suite: Suite) -> dict[str, str]:
+    return {name: c["path"] for name, c in suite.checkpoints.items()}
+
+
+def _run_world(suite: Suite, opts: Options, prog: Progress, world: int, steps: list[list]) -> None:
     def on_record(r: dict) -> None:
-        prog.step(world * info["bytes"], f"{name} {mode} N={world} {r['loader']} {r['wall_s']:.2f}s")
+        size = suite.checkpoints[r["checkpoint"]]["bytes"]
+        prog.step(world * size, f"{r['checkpoint']} {r['mode']} N={world} {r['loader']} {r['wall_s']:.2f}s")
 
-    tag = f"{name}-{mode}-n{world}"
-    job = run_job(info["path"], world, steps, mode, workdir, tag, timeout=opts.job_timeout, on_record=on_record)
-    prog.shrink(world * info["bytes"] * (trials * len(loaders) - len(job.records)))
-    suite.records += [{**r, "checkpoint": name} for r in job.records]
+    job = run_job(_sources(suite), world, steps, os.path.join(opts.out, "runs"), f"n{world}",
+                  timeout=opts.job_timeout, on_record=on_record)
+    suite.records += job.records
+    done = {(r["loader"], r["trial"], r["checkpoint"], r["mode"]) for r in job.records}
+    prog.shrink(sum(world * suite.checkpoints[s[2]]["bytes"] for s in steps if tuple(s) not in done))
     for f in job.failures:
-        suite.failures.append({**f, "checkpoint": name})
-        prog.note(f"  {name} N={world} {mode}: {f['loader']} could not run: {f['error'][:200]}")
+        suite.failures.append(f)
+        prog.note(f"  {f['checkpoint']} {f['mode']} N={world}: {f['loader']} could not run: {f['error'][:200]}")
 
 
 def _e2e(suite: Suite, opts: Options, prog: Progress, name: str) -> None:
@@ -208,14 +223,28 @@ def _e2e(suite: Suite, opts: Options, prog: Progress, name: str) -> None:
         for loader in opts.e2e_loaders:
             warm(checkpoint_files(info["path"]))
             t_launch = time.time()
-            job = run_job(info["path"], world, [[loader, t]], "none", os.path.join(opts.out, "runs"),
-                          f"{name}-e2e-n{world}-{loader}-{t}", timeout=opts.job_timeout, t_launch=t_launch)
+            job = run_job(_sources(suite), world, [[loader, t, name, "none"]], os.path.join(opts.out, "runs"),
+                          f"e2e-n{world}-{loader}-{t}", timeout=opts.job_timeout, t_launch=t_launch)
             for r in job.records:
                 seconds = r["time"] - t_launch
                 suite.e2e.append({"checkpoint": name, "world": world, "loader": loader, "trial": t,
                                   "seconds": seconds, "load_s": r["wall_s"]})
                 prog.step(world * info["bytes"], f"{name} end-to-end N={world} {loader} {seconds:.2f}s")
-            suite.failures += [{**f, "checkpoint": name, "mode": "end-to-end"} for f in job.failures]
+            suite.failures += [{**f, "mode": "end-to-end"} for f in job.failures]
+
+
+def _fill_planned(suite: Suite) -> None:
+    """Weightcast trials run without the gathered report (tp) get the bytes their plan assigns
+    to storage reads (``weightcast plan --json``), marked as such."""
+    from benchmarks.simulate import planned_read_bytes
+    cache: dict[tuple, int | None] = {}
+    for r in suite.records:
+        if r["loader"].startswith("wc_") and any(x.get("requested") is None for x in r["ranks"]):
+            _, dm, transport = r["loader"].split("_", 2)
+            key = (r["checkpoint"], r["world"], dm, transport)
+            if key not in cache:
+                cache[key] = planned_read_bytes(suite.checkpoints[r["checkpoint"]]["path"], *key[1:])
+            r["planned_read_bytes"] = cache[key]
 
 
 def _simulate(suite: Suite, opts: Options) -> None:
@@ -253,44 +282,35 @@ def run_suite(opts: Options) -> Suite:
         suite.checkpoints[name] = {"path": os.path.abspath(path), "bytes": index.total_bytes,
                                    "file_bytes": checkpoints.checkpoint_bytes(path), "files": len(index.files),
                                    "tensors": len(index.tensors)}
-    prog = Progress(_planned_bytes(suite, opts), opts.quiet)
+    plans = {world: plan_steps(suite, opts, world) for world in opts.nprocs}
+    if opts.cold_nproc and opts.cold_nproc not in plans:
+        plans[opts.cold_nproc] = [s for s in plan_steps(suite, opts, opts.cold_nproc) if s[3] == "cold"]
+    first = next(iter(suite.checkpoints))
+    total = sum(w * suite.checkpoints[s[2]]["bytes"] for w, steps in plans.items() for s in steps)
+    if opts.e2e_nproc:
+        total += opts.e2e_nproc * suite.checkpoints[first]["bytes"] * opts.e2e_trials * len(opts.e2e_loaders)
+    prog = Progress(total, opts.quiet)
     try:
         if opts.physical:
             from benchmarks.physical import measure
             biggest = max(suite.checkpoints, key=lambda n: suite.checkpoints[n]["bytes"])
             suite.physical = measure(suite.checkpoints[biggest]["path"], lambda m: prog.note(f"physical: {m}"))
             suite.physical["host_memory"] = suite.machine["memory_bytes"]
-        for name in opts.checkpoints:
-            for world in opts.nprocs:
-                _run_set(suite, opts, prog, name, world, opts.loaders, "warm", opts.trials)
-        if opts.cold_nproc:
-            _run_set(suite, opts, prog, opts.checkpoints[0], opts.cold_nproc, opts.cold_loaders, "cold",
-                     opts.cold_trials)
+        for world, steps in plans.items():
+            _run_world(suite, opts, prog, world, steps)
         if opts.e2e_nproc:
-            _e2e(suite, opts, prog, opts.checkpoints[0])
+            _e2e(suite, opts, prog, first)
     finally:
         prog.close()
+    _fill_planned(suite)
     if opts.simulate:
         _simulate(suite, opts)
     if opts.gpu:
         from benchmarks.gpu import run as run_gpu
-        suite.gpu = run_gpu(suite.checkpoints[opts.checkpoints[0]]["path"], os.path.join(opts.out, "runs"),
-                            opts.trials)
+        suite.gpu = run_gpu(first, suite.checkpoints[first]["path"], os.path.join(opts.out, "runs"), opts.trials)
     suite.machine["loadavg_end"] = os.getloadavg()
     suite.seconds = time.perf_counter() - t0
     return suite
-
-
-def _planned_bytes(suite: Suite, opts: Options) -> int:
-    total = 0
-    for name, info in suite.checkpoints.items():
-        total += sum(w * info["bytes"] * opts.trials * len(opts.loaders) for w in opts.nprocs)
-    first = suite.checkpoints[opts.checkpoints[0]]["bytes"]
-    if opts.cold_nproc:
-        total += opts.cold_nproc * first * opts.cold_trials * len(opts.cold_loaders)
-    if opts.e2e_nproc:
-        total += opts.e2e_nproc * first * opts.e2e_trials * len(opts.e2e_loaders)
-    return total
 
 
 def write_outputs(suite: Suite, opts: Options) -> dict[str, str]:

@@ -72,7 +72,7 @@ def h2d_gbps(files: list[str], device: str = "cuda:0") -> float:
     return total / (time.perf_counter() - t0) / 1e9
 
 
-def run(source: str, workdir: str, trials: int, on_record: Callable[[dict], None] | None = None) -> dict:
+def run(name: str, source: str, workdir: str, trials: int, on_record: Callable[[dict], None] | None = None) -> dict:
     """Every GPU figure for checkpoint ``source``, or ``{"measured": False, "reason": ...}``."""
     ok, what = cuda_status()
     if not ok:
@@ -81,8 +81,8 @@ def run(source: str, workdir: str, trials: int, on_record: Callable[[dict], None
     from benchmarks.jobs import run_job
     out: dict = {"measured": True, "devices": what, "h2d_one_gpu_gbps": h2d_gbps(checkpoint_files(source))}
     world = torch.cuda.device_count()
-    steps = [[name, t] for t in range(trials) for name in GPU_LOADERS]
-    job = run_job(source, world, steps, "warm", workdir, f"gpu-n{world}", on_record=on_record,
+    steps = [[loader, t, name, "warm"] for t in range(trials) for loader in GPU_LOADERS]
+    job = run_job({name: source}, world, steps, workdir, f"gpu-n{world}", on_record=on_record,
                   extra_spec={"gpu": True})
     out["records"], out["failures"] = job.records, job.failures
     return out

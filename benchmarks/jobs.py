@@ -1,6 +1,7 @@
 """Running benchmark jobs: ``torchrun --standalone --nproc-per-node N -m benchmarks.rank SPEC``.
 
-:func:`run_job` runs a list of steps (``[loader, trial]``) on N local ranks and returns the
+:func:`run_job` runs a list of steps (``[loader, trial, checkpoint, mode]``) on N local ranks
+(one job per N: the ranks import torch and the loaders once) and returns the
 records rank 0 appended, plus one failure per loader that could not run. A loader that raises
 (on any rank) or a job that dies or runs out of time costs that loader its remaining steps; the
 job is relaunched with the other loaders' steps. Called by :mod:`benchmarks.bench` (parent).
@@ -27,13 +28,12 @@ class JobResult:
     started: list[dict] = field(default_factory=list)  # one "started" event per launch
 
 
-def rank_env(mode: str) -> dict[str, str]:
-    """The environment every benchmark rank gets."""
+def rank_env() -> dict[str, str]:
+    """The environment every benchmark rank gets (FASTSAFETENSORS_ODIRECT is set per trial by
+    :mod:`benchmarks.rank`: O_DIRECT, fastsafetensors' default, for cold trials only)."""
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
                RUNAI_STREAMER_DIST="1", PYTHONUNBUFFERED="1")
-    # fastsafetensors reads with O_DIRECT by default (its cold path); warm runs use the page cache
-    env["FASTSAFETENSORS_ODIRECT"] = "1" if mode == "cold" else "0"
     return env
 
 
@@ -101,10 +101,12 @@ def _tail(path: str, n: int = 1500) -> str:
         return ""
 
 
-def run_job(source: str, world: int, steps: list[list], mode: str, workdir: str, tag: str, *,
-            timeout: float = 900.0, on_record: ProgressFn | None = None,
-            t_launch: float | None = None, extra_spec: dict | None = None) -> JobResult:
-    """Run ``steps`` on ``world`` ranks (relaunching after a failing loader); see module doc."""
+def run_job(sources: dict[str, str], world: int, steps: list[list], workdir: str, tag: str, *,
+            timeout: float = 900.0, on_record: ProgressFn | None = None, t_launch: float | None = None,
+            extra_spec: dict | None = None) -> JobResult:
+    """Run ``steps`` (``[loader, trial, checkpoint, mode]``) on ``world`` ranks, relaunching
+    after a failing loader; ``sources`` maps checkpoint names to directories. See module doc."""
+    workdir = os.path.abspath(workdir)  # the ranks run in the repository root
     os.makedirs(workdir, exist_ok=True)
     out = JobResult()
     todo = [list(s) for s in steps]
@@ -114,11 +116,13 @@ def run_job(source: str, world: int, steps: list[list], mode: str, workdir: str,
         results = os.path.join(workdir, f"{tag}.{attempt}.jsonl")
         for stale in glob.glob(results + "*"):
             os.remove(stale)
-        spec = {"source": source, "steps": todo, "mode": mode, "results": results,
-                "timeout": min(timeout, 600.0), "t_launch": t_launch or time.time(), **(extra_spec or {})}
-        proc, log = _launch(world, spec, workdir, f"{tag}.{attempt}", rank_env(mode))
-        _wait(proc, results, time.monotonic() + timeout, on_record)
-        _stop(proc)
+        spec = {"sources": sources, "steps": todo, "results": results, "timeout": min(timeout, 600.0),
+                "t_launch": t_launch or time.time(), **(extra_spec or {})}
+        proc, log = _launch(world, spec, workdir, f"{tag}.{attempt}", rank_env())
+        try:
+            _wait(proc, results, time.monotonic() + timeout, on_record)
+        finally:
+            _stop(proc)
         lines = _read_lines(results, 0)
         out.started += [r for r in lines if r.get("event") == "started"]
         done = [r for r in lines if "loader" in r]
@@ -126,17 +130,20 @@ def run_job(source: str, world: int, steps: list[list], mode: str, workdir: str,
         todo = todo[len(done):]
         if not todo:
             break
-        failed = _failure(results, todo[0][0], proc.returncode, log)
-        out.failures.append({**failed, "world": world, "mode": mode})
-        todo = [s for s in todo if s[0] != failed["loader"]]
+        failed = _failure(results, todo[0], proc.returncode, log)
+        out.failures.append({**failed, "world": world})
+        key = (failed["loader"], failed["checkpoint"], failed["mode"])
+        todo = [s for s in todo if (s[0], s[2], s[3]) != key]
     return out
 
 
-def _failure(results: str, current: str, returncode: int | None, log: str) -> dict:
+def _failure(results: str, current: list, returncode: int | None, log: str) -> dict:
     """The failure of the step the job stopped in: a rank's own record, else the job's log."""
     for path in sorted(glob.glob(results + ".fail.*")):
         with open(path) as fh:
             rec = json.load(fh)
-        return {"loader": rec["loader"], "error": rec["error"], "detail": rec["traceback"][-1500:]}
+        return {"loader": rec["loader"], "checkpoint": rec["checkpoint"], "mode": rec["mode"],
+                "error": rec["error"], "detail": rec["traceback"][-1500:]}
     why = "timed out" if returncode in (None, -9) else f"exit status {returncode}"
-    return {"loader": current, "error": f"the job died ({why}) in this loader", "detail": _tail(log)}
+    return {"loader": current[0], "checkpoint": current[2], "mode": current[3],
+            "error": f"the job died ({why}) in this loader", "detail": _tail(log)}

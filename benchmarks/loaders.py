@@ -103,6 +103,7 @@ def load_accelerate(source: str, ctx: dict) -> tuple[Any, dict]:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
+    model.tie_weights()  # accelerate's documented order: tie, then load (else lm_head stays on meta)
     model = load_checkpoint_and_dispatch(model, source, device_map={"": "cpu"})
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -202,12 +203,19 @@ def load_runai(source: str, ctx: dict) -> tuple[Any, dict]:
 
 
 def load_weightcast(source: str, ctx: dict, device_map: str, transport: str) -> tuple[Any, dict]:
+    """``load_pretrained(model="auto", strict=False)`` (unexpected checkpoint keys ignored, as
+    ``from_pretrained`` does). The gathered report (bytes read, phases) is asked for except with
+    ``tp``: there its memory probe re-gathers every DTensor (a redistribution per parameter) and
+    would dominate the time; the bytes read then come from the plan (:mod:`benchmarks.bench`)."""
     from workers.api import load_pretrained
-    model, report = load_pretrained(source, model="auto", device_map=device_map, transport=transport,
-                                    return_report=True, progress=False, timeout=ctx.get("timeout", 300.0))
+    want_report = device_map != "tp"
+    out = load_pretrained(source, model="auto", device_map=device_map, transport=transport, strict=False,
+                          return_report=want_report, progress=False, timeout=ctx.get("timeout", 300.0))
+    if not want_report:
+        return out, {"requested": None}
+    model, report = out
     rank = int(os.environ.get("RANK", 0))
-    mine = report["ranks"][rank]
-    return model, {"requested": mine["read_bytes"], "report": report if rank == 0 else None}
+    return model, {"requested": report["ranks"][rank]["read_bytes"], "report": report if rank == 0 else None}
 
 
 def _unique_bytes(model: Any) -> int:

@@ -1,9 +1,10 @@
 """One rank of a benchmark job: ``torchrun --standalone --nproc-per-node N -m benchmarks.rank SPEC``.
 
-``SPEC`` is a JSON file written by :mod:`benchmarks.bench`: the checkpoint, the steps to run in
-order (``[loader, trial index]``, trials of different loaders interleaved so that a noisy moment
-of the machine is shared among them), ``warm``, ``cold`` or ``none`` (page cache left as it is),
-and where rank 0 appends results (one JSON line per trial). Every rank runs every trial (collective):
+``SPEC`` is a JSON file written by :mod:`benchmarks.bench`: the checkpoints (``sources``: name ->
+directory), the steps to run in order (``[loader, trial, checkpoint, mode]``, mode ``warm``,
+``cold`` or ``none`` (page cache left as it is); trials of different loaders interleaved so that
+a noisy moment of the machine is shared among them), and where rank 0 appends results (one JSON
+line per trial). Every rank runs every trial (collective):
 
 1. local rank 0 warms the checkpoint files (large reads) or drops them from the page cache;
 2. all ranks meet (gloo barrier), then start their clocks together;
@@ -23,6 +24,15 @@ import sys
 import time
 import traceback
 from datetime import timedelta
+from typing import NamedTuple
+
+
+class Step(NamedTuple):
+    """One trial: a loader on a checkpoint with the page cache ``warm``, ``cold`` or ``none``."""
+    loader: str
+    trial: int
+    checkpoint: str
+    mode: str
 
 
 def _ident() -> dict:
@@ -30,33 +40,34 @@ def _ident() -> dict:
             "world": int(os.environ.get("WORLD_SIZE", 1)), "pid": os.getpid()}
 
 
-def _set_cache(spec: dict, files: list[str], ident: dict) -> dict:
+def _set_cache(mode: str, files: list[str], ident: dict) -> dict:
     """Warm or cold page cache for the checkpoint (local rank 0 only); returns what was done."""
     from benchmarks.procfs import make_cold, resident_fraction, warm
-    if ident["local_rank"] != 0 or spec["mode"] == "none":
+    os.environ["FASTSAFETENSORS_ODIRECT"] = "1" if mode == "cold" else "0"  # read per call
+    if ident["local_rank"] != 0 or mode == "none":
         return {}
-    if spec["mode"] == "cold":
+    if mode == "cold":
         make_cold(files)
         return {"resident_before": resident_fraction(files)}
     seconds = warm(files)
     return {"warm_s": seconds, "resident_before": resident_fraction(files)}
 
 
-def _trial(name: str, spec: dict, ctx: dict, files: list[str], ident: dict) -> dict | None:
+def _trial(step: Step, source: str, ctx: dict, gpu: bool, ident: dict) -> dict | None:
     import torch.distributed as dist
     from benchmarks import procfs
     from benchmarks.loaders import load_function
-    load = load_function(name)
+    load = load_function(step.loader)
     procfs.release_memory()
-    cache = _set_cache(spec, files, ident)
+    cache = _set_cache(step.mode, procfs.checkpoint_files(source), ident)
     procfs.reset_peak_rss()
     base = procfs.memory()
     dist.barrier()
     io0 = procfs.io_counters()
     t0 = time.perf_counter()
-    result, extra = load(spec["source"], ctx)
+    result, extra = load(source, ctx)
     touched = procfs.touch_all(result)
-    if spec.get("gpu"):
+    if gpu:
         import torch
         torch.cuda.synchronize()
     mine_s = time.perf_counter() - t0
@@ -75,15 +86,15 @@ def _trial(name: str, spec: dict, ctx: dict, files: list[str], ident: dict) -> d
     dist.all_gather_object(ranks, record)
     if ident["rank"] != 0:
         return None
-    return {"loader": name, "world": ident["world"], "mode": spec["mode"], "wall_s": wall, "ranks": ranks,
-            "report": report, "time": time.time()}
+    return {"loader": step.loader, "checkpoint": step.checkpoint, "mode": step.mode, "trial": step.trial,
+            "world": ident["world"], "wall_s": wall, "ranks": ranks, "report": report, "time": time.time()}
 
 
-def _context(name: str, spec: dict, world: int) -> dict:
+def _context(name: str, source: str, spec: dict, world: int) -> dict:
     ctx = {"timeout": spec.get("timeout", 300.0)}
     if name == "fastsafetensors_tp":
         from benchmarks.loaders import tp_dims
-        ctx["tp_dims"] = tp_dims(spec["source"], world)
+        ctx["tp_dims"] = tp_dims(source, world)
     return ctx
 
 
@@ -91,7 +102,6 @@ def run(spec: dict) -> int:
     """Every rank: each step of the spec; rank 0 appends one record per step."""
     import torch.distributed as dist
     from benchmarks.loaders import prepare
-    from benchmarks.procfs import checkpoint_files
     ident = _ident()
     backend = "gloo"
     if spec.get("gpu"):  # control over gloo, tensor data over NCCL
@@ -99,20 +109,21 @@ def run(spec: dict) -> int:
         torch.cuda.set_device(ident["local_rank"])
         backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend, timeout=timedelta(seconds=spec.get("timeout", 300.0)))
-    files = checkpoint_files(spec["source"])
     if ident["rank"] == 0:
         _append(spec["results"], {"event": "started", "time": time.time(), "t_launch": spec.get("t_launch")})
-    prepared: dict[str, dict] = {}
-    for name, trial_index in spec["steps"]:
+    prepared: dict[tuple[str, str], dict] = {}
+    for raw in spec["steps"]:
+        step = Step(*raw)
+        source = spec["sources"][step.checkpoint]
         try:
-            if name not in prepared:
-                prepare(name, spec["source"])
-                prepared[name] = _context(name, spec, ident["world"])
-            record = _trial(name, spec, prepared[name], files, ident)
+            if (step.loader, step.checkpoint) not in prepared:
+                prepare(step.loader, source)
+                prepared[step.loader, step.checkpoint] = _context(step.loader, source, spec, ident["world"])
+            record = _trial(step, source, prepared[step.loader, step.checkpoint], bool(spec.get("gpu")), ident)
             if record is not None:
-                _append(spec["results"], {**record, "trial": trial_index})
+                _append(spec["results"], record)
         except Exception as exc:  # noqa: BLE001 - recorded, then the job stops (others may be stuck)
-            _fail(spec, ident, name, exc)
+            _fail(spec, ident, step, exc)
     dist.barrier()
     dist.destroy_process_group()
     return 0
@@ -123,11 +134,11 @@ def _append(path: str, record: dict) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-def _fail(spec: dict, ident: dict, name: str, exc: BaseException) -> None:
+def _fail(spec: dict, ident: dict, step: Step, exc: BaseException) -> None:
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     with open(f"{spec['results']}.fail.{ident['rank']}", "w") as fh:
-        json.dump({"loader": name, "rank": ident["rank"], "error": f"{type(exc).__name__}: {exc}",
-                   "traceback": text[-4000:]}, fh)
+        json.dump({"loader": step.loader, "checkpoint": step.checkpoint, "mode": step.mode, "rank": ident["rank"],
+                   "error": f"{type(exc).__name__}: {exc}", "traceback": text[-4000:]}, fh)
     sys.stderr.write(text)
     sys.stderr.flush()
     os._exit(3)

@@ -25,10 +25,13 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
-def _requested(loader: str, ranks: list[dict]) -> int:
+def _requested(loader: str, trial: dict) -> int:
+    ranks = trial["ranks"]
     how = LOADERS[loader].requested if loader in LOADERS else "rchar"
     if how == "rchar":
         return sum(r["rchar"] for r in ranks)
+    if any(r.get("requested") is None for r in ranks) and trial.get("planned_read_bytes") is not None:
+        return trial["planned_read_bytes"]
     return sum(r.get("requested") or 0 for r in ranks)
 
 
@@ -50,7 +53,8 @@ def summarize(records: list[dict]) -> list[dict]:
             "anon_load_max": _median([max(r["mem"]["anon"] - r["base"]["anon"] for r in t["ranks"])
                                       for t in trials]),
             "peak_rss_max": _median([max(r["mem"].get("peak_rss", 0) for r in t["ranks"]) for t in trials]),
-            "requested": _median([_requested(loader, t["ranks"]) for t in trials]),
+            "requested": _median([_requested(loader, t) for t in trials]),
+            "requested_from_plan": any("planned_read_bytes" in t for t in trials),
             "rchar": _median([sum(r["rchar"] for r in t["ranks"]) for t in trials]),
             "device_read": _median([sum(r["read_bytes"] for r in t["ranks"]) for t in trials]),
             "touched": _median([sum(r["touched"] for r in t["ranks"]) for t in trials]),
@@ -98,7 +102,7 @@ def table(rows: list[dict], ckpt_bytes: int) -> str:
         out.append(f"| {r['world']} | {label} | {r['min_s']:.2f} | {r['median_s']:.2f} | {_x(r['wc_time_ratio'])} | "
                    f"{_gb(r['pss_sum'], u)} | {_x(r['wc_pss_ratio'])} | {_gb(r['private_max'], u)} | "
                    f"{_gb(r['anon_max'], u)} ({_gb(r['anon_load_max'], u)}) | {_gb(r['requested'], u)} "
-                   f"({r['requested'] / ckpt_bytes:.2f}) | {_gb(r['rchar'], u)} | {_gb(r['device_read'], u)} |")
+                   f"({r['requested'] / ckpt_bytes:.2f}){' (plan)' if r.get('requested_from_plan') else ''} | {_gb(r['rchar'], u)} | {_gb(r['device_read'], u)} |")
     return "\n".join(out)
 
 

@@ -29,10 +29,25 @@ def cluster_yaml(path: str, world: int, phys: dict, cold: bool) -> str:
     return path
 
 
-def predict(source: str, cluster: str, device_map: str, transport: str, timeout: float = 120.0) -> dict:
+def planned_read_bytes(source: str, world: int, device_map: str, transport: str) -> int | None:
+    """Storage bytes weightcast's plan assigns to the ranks (``weightcast plan --json``), or None."""
+    out = _plan(["--nodes", "1", "--cpus-per-node", str(world)], source, device_map, transport, simulate=False)
+    return out.get("total_read_bytes")
+
+
+def predict(source: str, cluster: str, device_map: str, transport: str) -> dict:
     """The ``--json`` summary of ``weightcast plan --simulate`` or ``{"error": why}``."""
-    cmd = [sys.executable, "-m", "launch.cli", "plan", source, "--cluster", cluster, "--device-map", device_map,
-           "--transport", transport, "--simulate", "--json"]
+    out = _plan(["--cluster", cluster], source, device_map, transport, simulate=True)
+    if "error" not in out and "predicted_seconds" not in out:
+        return {"error": "this build's weightcast plan has no --simulate prediction"}
+    return {k: out[k] for k in ("error", "predicted_seconds", "lower_bound_seconds", "bound_by", "phases",
+                                "total_read_bytes") if k in out}
+
+
+def _plan(where: list[str], source: str, device_map: str, transport: str, simulate: bool,
+          timeout: float = 120.0) -> dict:
+    cmd = [sys.executable, "-m", "launch.cli", "plan", source, *where, "--device-map", device_map,
+           "--transport", transport, "--json", *(["--simulate"] if simulate else [])]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root,
@@ -41,12 +56,8 @@ def predict(source: str, cluster: str, device_map: str, transport: str, timeout:
         return {"error": f"weightcast plan could not run: {exc}"}
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"weightcast plan --simulate failed (exit {done.returncode}): {why}"}
+        return {"error": f"weightcast plan failed (exit {done.returncode}): {why}"}
     try:
-        out = json.loads(done.stdout)
+        return json.loads(done.stdout)
     except json.JSONDecodeError:
-        return {"error": "weightcast plan --simulate printed no JSON"}
-    if "predicted_seconds" not in out:
-        return {"error": "this build's weightcast plan has no --simulate prediction"}
-    return {k: out[k] for k in ("predicted_seconds", "lower_bound_seconds", "bound_by", "phases", "total_read_bytes")
-            if k in out}
+        return {"error": "weightcast plan printed no JSON"}

@@ -52,6 +52,7 @@ def _command() -> str:
 def options_from_args(args: argparse.Namespace):
     """The suite Options the flags describe."""
     from dataclasses import replace
+    _import_benchmarks()
 
     from benchmarks.bench import Options, quick_options
     from benchmarks.loaders import LOADERS
@@ -89,7 +90,20 @@ def options_from_args(args: argparse.Namespace):
     return replace(opts, **changes)
 
 
+def _import_benchmarks() -> None:
+    """``benchmarks/`` lives beside ``launch/`` in the repository and is not an installed
+    package: make it importable when the console script runs from elsewhere."""
+    import importlib.util
+    import os
+    if importlib.util.find_spec("benchmarks") is None:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    import signal
+    # SIGTERM unwinds like Ctrl-C, so the running torchrun job is stopped, not orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    _import_benchmarks()
     from benchmarks.bench import run_suite, write_outputs
     opts = options_from_args(args)
     suite = run_suite(opts)

@@ -97,7 +97,7 @@ def test_gpu_mode_without_cuda_reports_not_measured(tmp_path):
     from benchmarks import gpu
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the GPU figures are measured")
-    out = gpu.run(str(tmp_path), str(tmp_path), 1)
+    out = gpu.run("c", str(tmp_path), str(tmp_path), 1)
     assert out["measured"] is False and "CUDA" in out["reason"]
 
 
