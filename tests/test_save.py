@@ -67,7 +67,21 @@ def holding(name: str, t: torch.Tensor, i: int, rank: int, world: int, how: str)
         return t  # replicated
     n = t.shape[dim]
     start, stop = n * rank // world, n * (rank + 1) // world
-    return t.narrow(dim, start, stop - start).clone(), (dim, start, stop, tuple(t.shape))
+    part = t.narrow(dim, start, stop - start)  # along dim 1: a non-contiguous view
+    return part if dim else part.clone(), (dim, start, stop, tuple(t.shape))
+
+
+def as_dtensors(full: dict, order: list[str], world: int) -> dict:
+    """DTensors over a 1-D CPU mesh: sharded along dim 0, dim 1, or replicated."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for i, name in enumerate(order):
+        t = full[name]
+        place = [Shard(0)] if i % 3 == 0 else [Shard(1)] if i % 3 == 1 and t.dim() == 2 else [Replicate()]
+        out[name] = distribute_tensor(t, mesh, place)
+    return out
 
 
 def rank_save(args: dict) -> dict:
@@ -75,13 +89,17 @@ def rank_save(args: dict) -> dict:
     ``args["out"]``; a fault is injected at ``args["fault_at"]`` on ``args["fault_rank"]``."""
     import torch.distributed as dist
     from datetime import timedelta
+    from workers import save
     from workers.save import save_pretrained
+    save.SEND_WINDOW = args.get("window", save.SEND_WINDOW)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=args["timeout"]))
     full = read_checkpoint(args["ref"])
     order = args["order"]
     state, owned = {}, {}
-    for i, name in enumerate(order):
+    if args["how"] == "dtensor":
+        state = as_dtensors(full, order, world)
+    for i, name in enumerate(order if args["how"] != "dtensor" else ()):
         held = holding(name, full[name], i, rank, world, args["how"])
         if isinstance(held, tuple):
             state[name], owned[name] = held
@@ -305,15 +323,16 @@ def save_args(ref_root: str, order: list[str], out: str, **kw) -> dict:
             "config": True, **kw}
 
 
-@pytest.mark.parametrize("world, how, hint", [(3, "mixed", True), (2, "replicate", False)])
+@pytest.mark.parametrize("world, how, hint", [(3, "mixed", True), (2, "replicate", False), (3, "dtensor", True)])
 def test_distributed_round_trip_matches_transformers(ref, tmp_path, world: int, how: str, hint: bool) -> None:
     """Tensor-parallel slices (dim 0 and 1), single owners and replicas, saved by several
-    ranks: the same files and weight map as transformers, identical tensors and logits."""
+    ranks (sends drained after every file): the same files and weight map as transformers,
+    identical tensors and logits."""
     from transformers import AutoModelForCausalLM
     root, model = ref
     out = str(tmp_path / "out")
     results = spawn(world, "tests.test_save:rank_save",
-                    save_args(root, llama_order(model), out, how=how, hint=hint), timeout=120)
+                    save_args(root, llama_order(model), out, how=how, hint=hint, window=1), timeout=120)
     assert all(r.value["ok"] for r in results), [r.value for r in results]
     assert layout(out) == layout(root)
     ours, theirs = read_checkpoint(out), read_checkpoint(root)

@@ -2,9 +2,11 @@
 checkpoint, atomically.
 
 Collective over the default ``torch.distributed`` group when one is initialised (every rank
-calls it, each passing what it holds), single-process otherwise. Steps, each ending in a
-status exchange on a gloo group with the call's ``timeout``, so that a failure (or a dead rank)
-anywhere becomes the same :class:`LoadError` everywhere:
+calls it, each passing what it holds), single-process otherwise. Four steps, each ending in an
+exchange on a gloo group with the call's ``timeout``. A rank whose step fails posts its error
+in the rendezvous store and closes its connections, so every peer fails at once and raises
+that same :class:`LoadError`; a rank that dies or hangs is named by the first rank to notice
+(see :mod:`workers.save_liveness`):
 
 1. collect: every rank describes its tensors (whole, or slices of a tensor-parallel weight);
    the manifests are gathered.
@@ -38,6 +40,7 @@ from workers.save_collect import Collected, collect, torch_dtype
 from workers.save_liveness import Watch
 
 Hook = Callable[[str, str], None]
+SEND_WINDOW = 1 << 30  # bytes copied for sends in flight (GPU or non-contiguous tensors) before waiting
 _CALLS = [0]  # save calls made by this process: names this call's keys in the rendezvous store
 
 
@@ -70,11 +73,17 @@ def save_pretrained(state: dict[str, torch.Tensor] | torch.nn.Module, out_dir: s
 
 
 def _open_group(timeout: float) -> Group:
+    """This call's gloo group over every rank of the default group (collective), or one rank."""
     node = os.environ.get("WEIGHTCAST_NODE") or socket.gethostname()
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return Group(0, 1, 0, 1, node, timeout=timeout)
-    pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+    except Exception as exc:
+        raise LoadError("The ranks could not form the save's process group", where=f"rank {rank} on host {node}",
+                        got=f"{type(exc).__name__}: {str(exc)[:300]}",
+                        fix="every rank of the default group must call save_pretrained; check that none died") from exc
     return Group(rank, world, rank, world, node, pg, pg, timeout)
 
 
@@ -185,9 +194,10 @@ def _write(group: Group, plan: SavePlan, local: Collected) -> None:
             save_fs.write_json(os.path.join(plan.tmp, INDEX_NAME), plan.index())
         if local.config is not None:
             save_fs.write_json(os.path.join(plan.tmp, CONFIG_NAME), local.config)
-    sends = []
+    sends: list[tuple[Any, int]] = []  # (work, bytes copied for it), oldest first
     for f in plan.files:
         if f.writer != me:
+            _drain(group, sends, SEND_WINDOW)
             sends += [_send(group, local.tensors[p.name], f.writer, p.tag)
                       for n in f.tensors for p in pieces[n] if p.src == me and _piece_bytes(specs[n], p)]
             continue
@@ -200,9 +210,15 @@ def _write(group: Group, plan: SavePlan, local: Collected) -> None:
                 dst.copy_(buf.view(dst.dtype).reshape(dst.shape))
         _write_file(os.path.join(plan.tmp, f.file), tensors)
         hook("wrote", f.file)
-    for work in sends:
-        _wait(group, work)
+    _drain(group, sends, 0)
     hook("written", "")
+
+
+def _drain(group: Group, sends: list, limit: int) -> None:
+    """Wait for the oldest sends until at most ``limit`` copied bytes are in flight. Safe: every
+    rank walks the files in plan order, so the sends of an earlier file always complete."""
+    while sends and (limit == 0 or sum(n for _, n in sends) > limit):
+        _wait(group, sends.pop(0)[0])
 
 
 def _piece_bytes(spec, piece) -> int:
@@ -212,10 +228,12 @@ def _piece_bytes(spec, piece) -> int:
     return spec.nbytes // rows * (piece.stop - piece.start) if rows else 0
 
 
-def _send(group: Group, tensor: torch.Tensor, dst: int, tag: int):
-    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+def _send(group: Group, tensor: torch.Tensor, dst: int, tag: int) -> tuple[Any, int]:
+    """Post one send; returns (work, bytes copied to send it: 0 for a CPU contiguous tensor)."""
+    data = tensor.detach().cpu().contiguous()
+    copied = data.numel() * data.element_size() if data.data_ptr() != tensor.data_ptr() else 0
     try:
-        return dist.isend(data, dst, group=group.pg, tag=tag)
+        return dist.isend(data.reshape(-1).view(torch.uint8), dst, group=group.pg, tag=tag), copied
     except Exception as exc:
         raise PeerLost(f"sending to rank {dst} failed") from exc
 
