@@ -92,7 +92,7 @@ def verify(args: dict, result: Any) -> dict:
     """Every rank: bit-for-bit comparison of what it owns with safetensors (not collective)."""
     from launch.jobs import verify_owned
     from orchestrator.checkpoint import load_index
-    root = args.get("verify_root") or args["source"]
+    root = (args.get("verify_root") or args["source"]).replace("{node}", node_name())
     tensors = owned_state(result)
     names = set(load_index(root).names)
     if not isinstance(result, dict):  # a model: tied aliases are not in the checkpoint
@@ -101,6 +101,12 @@ def verify(args: dict, result: Any) -> dict:
         tensors = type(tensors)(kept)
         tensors.slices = {k: v for k, v in slices.items() if k in names}
     return {"verified": len(tensors), "mismatches": verify_owned(root, tensors)}
+
+
+def node_name() -> str:
+    """This process's node, as the loader names it (``WEIGHTCAST_NODE``, else the host name)."""
+    import socket
+    return os.environ.get("WEIGHTCAST_NODE") or socket.gethostname()
 
 
 def gather(value: dict) -> list[dict]:
