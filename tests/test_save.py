@@ -112,6 +112,9 @@ def rank_save(args: dict) -> dict:
         if rank == args.get("fault_rank") and event == args.get("fault_at"):
             if args.get("fault") == "raise":
                 raise RuntimeError(f"injected fault at {event}")
+            if args.get("fault") == "hang":  # stuck (alive) past the others' timeout, then gone
+                time.sleep(args["timeout"] + 8)
+                os._exit(3)
             with open(args["out"] + f".killed-{rank}", "w") as fh:
                 fh.write(repr(time.time()))
             os.kill(os.getpid(), signal.SIGKILL)
@@ -376,6 +379,22 @@ def test_rank_killed_mid_save(ref, tmp_path, rank: int, at: str) -> None:
     else:
         assert digest(out) == before
         assert read_checkpoint(out).keys() == sample_tensors().keys()
+
+
+def test_rank_stuck_past_the_timeout(ref, tmp_path) -> None:
+    """A rank that stays alive but stops (hung I/O) fails the others at their timeout, named as
+    still running; the target is untouched and the temporary directory removed."""
+    root, model = ref
+    out = str(tmp_path / "ckpt")
+    write_sharded(out, shards=2)
+    before = digest(out)
+    args = save_args(root, llama_order(model), out, fault_rank=1, fault_at="wrote", fault="hang", timeout=5)
+    results = spawn(3, "tests.test_save:rank_save", args, timeout=120, check=False)
+    assert results[1].returncode == 3
+    for r in (results[0], results[2]):
+        assert r.value["ok"] is False and "rank 1 did not finish in time (still running)" in r.value["error"]
+        assert r.value["t"] - r.value["start"] < args["timeout"] + 8
+    assert digest(out) == before and leftovers(out) == []
 
 
 @pytest.mark.parametrize("at", ["collected", "wrote"])

@@ -142,7 +142,8 @@ def _step(group: Group, phase: str, fn: Callable[[], Any], cleanup: Callable[[],
                 cleanup()
             raise
         watch = group.extra["watch"]
-        if isinstance(exc, PeerLost):
+        if isinstance(exc, PeerLost):  # waiting on a peer: this rank is not the one to blame
+            watch.reached(phase)
             _drop(group)
             verdict = watch.lost(phase, exc.__cause__ or exc)
         else:
