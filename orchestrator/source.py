@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from orchestrator.checkpoint import (allowed_dirs, find_hf_cache_root, find_pickle_files,
-                                     locate_safetensors, read_weight_map)
+                                     locate_safetensors, read_weight_map, resolve_inside)
 from orchestrator.errors import (CheckpointNotFoundError, ConfigError, PickleRefusedError,
                                  WeightcastError)
 from orchestrator.safetensors_format import pread_exact, open_regular
@@ -59,12 +59,13 @@ def config_dtype(config: dict | None) -> str | None:
     return None
 
 
-def read_config(root: str, name: str = "config.json") -> dict | None:
-    """Parse ``root/name`` as a JSON object; None when absent. Raises ConfigError when malformed."""
+def read_config(root: str, name: str = "config.json", cache_root: str | None = None) -> dict | None:
+    """Parse ``root/name`` as a JSON object; None when absent. Raises ConfigError when malformed
+    and UnsafePathError when it links outside the checkpoint (or its HF cache root)."""
     path = os.path.join(root, name)
     if not os.path.lexists(path):
         return None
-    real = os.path.realpath(path)
+    real = os.path.realpath(resolve_inside(root, name, allowed_dirs(root, cache_root), name))
     if not os.path.exists(real):
         raise ConfigError(f"{name} is a dangling symlink", where=path, got=real,
                           fix="re-download the checkpoint (e.g. `hf download REPO`)")
@@ -82,7 +83,8 @@ def read_config(root: str, name: str = "config.json") -> dict | None:
         raise ConfigError(f"{name} is not valid JSON", where=path, got=str(exc)[:200],
                           fix="re-download or fix the config") from None
     if not isinstance(config, dict):
-        raise ConfigError(f"{name} is not a JSON object", where=path, got=type(config).__name__)
+        raise ConfigError(f"{name} is not a JSON object", where=path, expected="a JSON object {...}",
+                          got=type(config).__name__, fix=f"re-download or fix {name}")
     return config
 
 
@@ -152,8 +154,11 @@ def _resolve_local(path: str, allow_pickle: bool) -> ResolvedSource:
     else:
         root, found = os.path.dirname(path), _weights_of_file(path, allow_pickle)
     repo_id, revision, cache_root = _snapshot_identity(root)
+    allowed = allowed_dirs(root, cache_root)
+    for name in found[1]:  # weights (pickle ones too) must not link out of the checkpoint
+        resolve_inside(root, name, allowed, name)
     return ResolvedSource(root=root, weight_files=found[1], kind=found[0],  # type: ignore[arg-type]
-                          config=read_config(root), repo_id=repo_id, revision=revision,
+                          config=read_config(root, cache_root=cache_root), repo_id=repo_id, revision=revision,
                           cache_root=cache_root)
 
 

@@ -186,9 +186,10 @@ def test_cache_blob_link_escaping_the_repo(tmp_path, llama_dir):
     link = os.path.join(snapshot, "model-00002-of-00004.safetensors")
     os.remove(link)
     os.symlink(outside, link)
-    src = resolve_source("acme/tiny-llama", cache_dir=str(cache))
     with pytest.raises(UnsafePathError, match="model-00002-of-00004.safetensors"):
-        load_index(src.root, cache_root=src.cache_root)
+        resolve_source("acme/tiny-llama", cache_dir=str(cache))  # refused before any parsing
+    with pytest.raises(UnsafePathError, match="model-00002-of-00004.safetensors"):
+        load_index(snapshot)
 
 
 def test_trainer_pickles_are_not_weights(tmp_path):

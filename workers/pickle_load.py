@@ -10,7 +10,17 @@ import os
 
 import torch
 
-from orchestrator.errors import ConfigError, PickleRefusedError
+from orchestrator.errors import CheckpointFormatError, ConfigError, PickleRefusedError
+
+
+def _load_one(path: str) -> dict:
+    """``torch.load(weights_only=True)``: no code in the file ever runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:  # legacy (non-zip) format cannot be mapped
+        if "mmap" not in str(exc):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_pickle(payload: dict, job, group) -> dict[str, torch.Tensor]:
@@ -25,8 +35,11 @@ def load_pickle(payload: dict, job, group) -> dict[str, torch.Tensor]:
     for name in payload["files"]:
         path = os.path.join(payload["root"], name)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) format cannot be mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _load_one(path)
+        except Exception as exc:  # noqa: BLE001 - any refusal of the safe unpickler
+            raise CheckpointFormatError("A pickle weights file cannot be loaded safely", where=path,
+                                        got=f"{type(exc).__name__}: {str(exc)[:300]}",
+                                        fix="convert the checkpoint to safetensors from a trusted environment"
+                                        ) from exc
         out.update({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
     return out
