@@ -21,6 +21,8 @@ SHIPPED = {  # file -> (world size, nodes, ranks per node, first device, device 
     "1x8-h100.yaml": (8, 1, 8, "cuda:0", 80 * GIB, "node-local"),
     "16x8-h100.yaml": (128, 16, 8, "cuda:0", 80 * GIB, "shared"),
     "128x8-h100.yaml": (1024, 128, 8, "cuda:0", 80 * GIB, "shared"),
+    "emu-2n.yaml": (2, 2, 1, "cpu", 8 * GIB, "shared"),
+    "emu-4n.yaml": (4, 4, 1, "cpu", 8 * GIB, "shared"),
 }
 
 
