@@ -255,16 +255,19 @@ def test_ray_job_submit(llama: str, tmp_path) -> None:
     try:
         report = tmp_path / "report.json"
         address = f"http://127.0.0.1:{dash}"
-        cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", address,
-               "--working-dir", ".", "--", "python", "-m", "launch.ray_job", llama, "--ranks-per-node", "2",
+        # examples/ray_job_submit.sh runs `ray job submit --address ... --working-dir . -- python -m
+        # launch.ray_job CHECKPOINT ...` from the repository root, then `ray job status`
+        cmd = [os.path.join(REPO, "examples", "ray_job_submit.sh"), llama, "--ranks-per-node", "2",
                "--verify", "--report", str(report)]
-        done = subprocess.run(cmd, cwd=REPO, env=_head_env(), capture_output=True, text=True, timeout=400)
+        env = dict(_head_env(), RAY_ADDRESS=address, RAY=os.path.join(os.path.dirname(sys.executable), "ray"))
+        done = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=400)
         client = JobSubmissionClient(address)
         jobs = client.list_jobs()
-        assert jobs, (done.stdout + done.stderr)[-4000:]
-        status, logs = client.get_job_status(jobs[-1].submission_id), client.get_job_logs(jobs[-1].submission_id)
+        assert len(jobs) == 1, (done.stdout + done.stderr)[-4000:]
+        status, logs = client.get_job_status(jobs[0].submission_id), client.get_job_logs(jobs[0].submission_id)
         assert status == JobStatus.SUCCEEDED and done.returncode == 0, \
             f"{status}\n--- submit ---\n{(done.stdout + done.stderr)[-3000:]}\n--- job log ---\n{logs[-3000:]}"
+        assert f"job {jobs[0].submission_id}: SUCCEEDED" in done.stdout
         expected = checkpoint_tensor_bytes(llama)
         assert f"storage bytes read: {expected:,} (checkpoint {expected:,})" in logs
         assert "identical to safetensors" in logs and "2 ranks on 1 node(s)" in logs
