@@ -83,8 +83,8 @@ class RankGroup:
 
     def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> list:
         """``fn(model, *args)`` on every rank (in parallel); the results in rank order. ``fn`` is
-        shipped with cloudpickle, so it may be a closure; it may use collectives over the group."""
-        import ray
+        shipped with cloudpickle, so it may be a closure; it may use collectives over the group.
+        ``timeout`` (seconds, default the load's) bounds the wait; it is not passed to ``fn``."""
         if self.closed:
             raise ConfigError("This RankGroup was shut down", where="RankGroup.run", fix="call load_on_ray again")
         refs = [a.run.remote(fn, args) for a in self.actors]
