@@ -30,11 +30,11 @@ from benchmarks import checkpoints
 from benchmarks.jobs import run_job
 from benchmarks.loaders import LOADERS
 
-WARM_LOADERS = ("wc_replicate_node-shared", "from_pretrained", "load_file", "accelerate", "fastsafetensors",
-                "runai", "wc_replicate_collective", "wc_tp_node-shared", "wc_tp_collective", "tp_auto",
-                "fastsafetensors_tp", "wc_auto_node-shared", "wc_auto_collective")
-COLD_LOADERS = ("wc_replicate_node-shared", "from_pretrained", "wc_replicate_collective", "load_file",
-                "fastsafetensors")
+# the slow and the memory-hungry last in each round: a loader killed mid-round costs a relaunch
+WARM_LOADERS = ("wc_replicate_node-shared", "from_pretrained", "load_file", "mmap_touch", "wc_tp_node-shared",
+                "tp_auto", "wc_auto_node-shared", "accelerate", "wc_tp_collective", "wc_auto_collective",
+                "wc_replicate_collective", "fastsafetensors_tp", "fastsafetensors", "runai")
+COLD_LOADERS = ("wc_replicate_node-shared", "from_pretrained", "load_file", "mmap_touch", "fastsafetensors")
 E2E_LOADERS = ("wc_replicate_node-shared", "from_pretrained")
 
 
@@ -50,7 +50,7 @@ class Options:
     cold_trials: int = 3
     e2e_nproc: int | None = 4
     e2e_loaders: tuple[str, ...] = E2E_LOADERS
-    e2e_trials: int = 3
+    e2e_trials: int = 1
     physical: bool = True
     simulate: bool = True
     gpu: bool = False

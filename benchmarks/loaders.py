@@ -26,6 +26,8 @@ class LoaderSpec:
 
 LOADERS: dict[str, LoaderSpec] = {s.name: s for s in (
     LoaderSpec("from_pretrained", "transformers from_pretrained per rank", "replicate", "per-rank", "tensors"),
+    LoaderSpec("mmap_touch", "floor: private mmap of the files, every page touched, no model", "replicate",
+               "floor", "tensors"),
     LoaderSpec("load_file", "safetensors load_file per rank", "replicate", "per-rank", "tensors"),
     LoaderSpec("accelerate", "accelerate load_checkpoint_and_dispatch per rank", "replicate", "per-rank", "tensors"),
     LoaderSpec("fastsafetensors", "fastsafetensors (files per rank, broadcast)", "replicate", "peer", "rchar"),
@@ -84,6 +86,19 @@ def _tensor_bytes(state: dict) -> int:
 def load_from_pretrained(source: str, ctx: dict) -> tuple[Any, dict]:
     model = model_class(source).from_pretrained(source, dtype="auto")
     return model, {"requested": _unique_bytes(model)}
+
+
+def load_mmap_touch(source: str, ctx: dict) -> tuple[Any, dict]:
+    """The physical floor of a zero-copy replicate load on this machine: each file mapped
+    privately (copy-on-write, as transformers maps it), nothing else; the caller touches it."""
+    import torch
+    from benchmarks.procfs import checkpoint_files
+    maps = {}
+    for path in checkpoint_files(source):
+        size = os.path.getsize(path)
+        storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
+        maps[path] = torch.empty(0, dtype=torch.uint8).set_(storage)
+    return maps, {"requested": sum(t.numel() for t in maps.values())}
 
 
 def load_load_file(source: str, ctx: dict) -> tuple[Any, dict]:

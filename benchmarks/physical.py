@@ -132,7 +132,7 @@ def measure(source: str, progress: Callable[[str], None] | None = None) -> dict:
     say("cold read")
     out["cold_read_gbps"] = _rate(cold)
     say("warm read")
-    warm(files)
+    warm(files, force=True)
     out["warm_read_gbps"] = _rate(lambda: _read_all(files))
     say("map + touch")
     out["map_touch_gbps"] = _rate(lambda: (warm(files), map_touch(files))[1])

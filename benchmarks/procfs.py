@@ -79,12 +79,15 @@ def io_counters(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
-def warm(files: list[str], progress: Callable[[int], None] | None = None) -> float:
-    """Read every file into the page cache with large ``preadv`` requests; returns seconds."""
+def warm(files: list[str], progress: Callable[[int], None] | None = None, force: bool = False) -> float:
+    """Read every file not entirely in the page cache with large ``preadv`` requests (every
+    file with ``force``); returns seconds."""
     import numpy as np
     buf = np.empty(SCRATCH, dtype=np.uint8)
     t0 = time.perf_counter()
     for path in files:
+        if not force and resident_fraction([path]) >= 1.0:
+            continue
         fd = os.open(path, os.O_RDONLY)
         try:
             off = 0
