@@ -236,7 +236,9 @@ def _context() -> Any:
     global _CTX
     if _CTX is None:
         _CTX = multiprocessing.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "torch.distributed", "workers.api", "tests.faults"])
+        # what every rank needs, imported once (model skeletons need accelerate and transformers)
+        _CTX.set_forkserver_preload(["torch", "torch.distributed", "workers.api", "workers.staging", "tests.faults",
+                                     "accelerate", "transformers.initialization", "transformers.modeling_utils"])
     return _CTX
 
 
@@ -381,3 +383,64 @@ def stray_processes() -> list[Any]:
         if not server:  # ranks forked by the server share its command line but not its parent
             out.append(child)
     return out
+
+
+# ------------------------------------------------------------------ what a load touches
+
+
+class OpenRecorder:
+    """Context manager recording every path opened in this process through ``os.open``,
+    ``open`` / ``io.open`` and ``torch.UntypedStorage.from_file`` (mappings), except the
+    interpreter's own files (``sys.prefix``), ``/proc``, ``/sys`` and staging areas."""
+
+    def __enter__(self) -> "OpenRecorder":
+        import builtins
+        import io
+        import sys
+        import torch
+        self.paths: list[str] = []
+        self._skip = tuple({os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix)}
+                           | {"/proc/", "/sys/", "/dev/shm/weightcast-"})
+        self._saved = [(os, "open", os.open), (builtins, "open", builtins.open), (io, "open", io.open)]
+        for module, name, real in self._saved:
+            setattr(module, name, self._wrap(real))
+        real_map = torch.UntypedStorage.from_file
+        torch.UntypedStorage.from_file = staticmethod(self._wrap(real_map))
+        return self
+
+    def _wrap(self, real: Callable) -> Callable:
+        def opener(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(path, (str, bytes, os.PathLike)):
+                full = os.path.realpath(os.fsdecode(path))
+                if not full.startswith(self._skip):
+                    self.paths.append(full)
+            return real(path, *args, **kwargs)
+        return opener
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+        for module, name, real in self._saved:
+            setattr(module, name, real)
+        del torch.UntypedStorage.from_file  # the inherited one again
+
+    def outside(self, *roots: str, ignore: tuple[str, ...] = ()) -> list[str]:
+        """Opened paths not inside any of ``roots`` (real paths), ``ignore`` left out."""
+        inside = tuple(os.path.realpath(r) + os.sep for r in roots)
+        skip = {os.path.realpath(p) for p in ignore}
+        return [p for p in self.paths if not p.startswith(inside) and p not in skip]
+
+
+def reads_outside(log: str, root: str) -> list[list]:
+    """Entries of a ``WC_READ_LOG`` that are not a plain file name of ``root`` read within the
+    file's size (every read a FaultReader made must be)."""
+    if not os.path.exists(log):
+        return []
+    bad = []
+    with open(log) as fh:
+        for line in fh:
+            rank, file, offset, length = json.loads(line)
+            path = os.path.join(root, file)
+            plain = file and "/" not in file and "\\" not in file and file not in (".", "..")
+            if not (plain and os.path.isfile(path) and 0 <= offset and offset + length <= os.path.getsize(path)):
+                bad.append([rank, file, offset, length])
+    return bad
