@@ -415,7 +415,7 @@ def test_exception_on_one_rank_is_the_same_error_everywhere(ref, tmp_path, at: s
     errors = {r.value["error"] for r in results}
     assert len(errors) == 1 and all(not r.value["ok"] for r in results)
     error = errors.pop()
-    assert f"on rank 2" in error and f"injected fault at {at}" in error
+    assert "on rank 2" in error and f"injected fault at {at}" in error
     assert digest(out) == before and leftovers(out) == []
 
 

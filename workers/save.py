@@ -62,7 +62,7 @@ def save_pretrained(state: dict[str, torch.Tensor] | torch.nn.Module, out_dir: s
     ``_fault_hook(event, detail)`` is called at each step (tests inject faults through it).
     """
     group = _open_group(timeout)
-    _CALLS[0] += 1
+    _CALLS[0] += group.world_size > 1
     watch = Watch(group.rank, group.world_size, group.node, _CALLS[0])
     group.extra.update(watch=watch, hook=_fault_hook or (lambda event, detail: None))
     try:
