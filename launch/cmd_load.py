@@ -25,6 +25,8 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--verify", action="store_true", help="compare every owned tensor with safetensors, bit for bit")
+    p.add_argument("--verify-checksums", action="store_true",
+                   help="check each owned tensor against the crc32 the checkpoint's metadata records")
 
 
 def job_args(args: argparse.Namespace) -> dict:
@@ -33,7 +35,7 @@ def job_args(args: argparse.Namespace) -> dict:
             "transport": args.transport, "cluster": args.cluster, "model": args.model, "revision": args.revision,
             "cache_dir": args.cache_dir, "timeout": args.timeout, "threads": args.threads,
             "allow_pickle": args.allow_pickle or None, "trust_remote_code": args.trust_remote_code or None,
-            "verify": args.verify}
+            "verify": args.verify, "verify_checksums": getattr(args, "verify_checksums", False) or None}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -150,3 +150,14 @@ def test_single_process_faults_keep_their_class(tmp_path, monkeypatch):
     assert type(info.value).__name__ == "LoadError"
     assert "StorageError: Reading a checkpoint file failed" in str(info.value)
     assert type(info.value.__cause__).__name__ == "StorageError"
+
+
+def test_cli_verify_checksums_names_the_corrupt_tensor(ckpts, capsys):
+    """``weightcast load --verify-checksums`` on two ranks: exit 2, the tensor named, no traceback;
+    the intact copy loads and verifies."""
+    from launch.cli import main
+    code = main(["load", ckpts["crc-bad"], "--nproc", "2", "--timeout", "60", "--verify-checksums"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err, err
+    assert "tensor 'layers.0.attn.q.weight'" in err and "do not match the checksum" in err and "Fix:" in err
+    assert main(["load", ckpts["crc"], "--nproc", "2", "--timeout", "60", "--verify-checksums"]) == 0
