@@ -30,10 +30,12 @@ from benchmarks import checkpoints
 from benchmarks.jobs import run_job
 from benchmarks.loaders import LOADERS
 
-# the slow and the memory-hungry last in each round: a loader killed mid-round costs a relaunch
+# the slow last in each round; the memory-hungry (LAST) after every other trial of the job: a
+# loader killed mid-job costs a relaunch (the ranks import everything again)
 WARM_LOADERS = ("wc_replicate_node-shared", "from_pretrained", "load_file", "mmap_touch", "wc_tp_node-shared",
                 "tp_auto", "wc_auto_node-shared", "accelerate", "wc_tp_collective", "wc_auto_collective",
                 "wc_replicate_collective", "fastsafetensors_tp", "fastsafetensors", "runai")
+LAST = ("runai",)
 COLD_LOADERS = ("wc_replicate_node-shared", "from_pretrained", "load_file", "mmap_touch", "fastsafetensors")
 E2E_LOADERS = ("wc_replicate_node-shared", "from_pretrained")
 
@@ -192,7 +194,7 @@ def plan_steps(suite: Suite, opts: Options, world: int) -> list[list]:
             else:
                 runnable.append(loader)
         steps += [[loader, t, name, mode] for t in range(trials) for loader in runnable]
-    return steps
+    return [s for s in steps if s[0] not in LAST] + [s for s in steps if s[0] in LAST]
 
 
 def _sources(suite: Suite) -> dict[str, str]:

@@ -21,7 +21,8 @@ class LoaderSpec:
     label: str        # how tables name it
     placement: str    # replicate | tp | auto: what each rank ends up holding
     family: str       # weightcast | per-rank | peer
-    requested: str    # "report" (its own counter), "rchar" (read syscalls), "tensors" (bytes it loaded)
+    requested: str    # "report" (its own counter), "rchar" (read syscalls), "tensors" (bytes it loaded),
+                      # "device" (block-device reads: a loader reading with O_DIRECT)
 
 
 LOADERS: dict[str, LoaderSpec] = {s.name: s for s in (
@@ -31,7 +32,7 @@ LOADERS: dict[str, LoaderSpec] = {s.name: s for s in (
     LoaderSpec("load_file", "safetensors load_file per rank", "replicate", "per-rank", "tensors"),
     LoaderSpec("accelerate", "accelerate load_checkpoint_and_dispatch per rank", "replicate", "per-rank", "tensors"),
     LoaderSpec("fastsafetensors", "fastsafetensors (files per rank, broadcast)", "replicate", "peer", "rchar"),
-    LoaderSpec("runai", "Run:ai streamer, distributed mode", "replicate", "peer", "rchar"),
+    LoaderSpec("runai", "Run:ai streamer, distributed mode", "replicate", "peer", "device"),
     LoaderSpec("tp_auto", "transformers tp_plan=auto", "tp", "peer", "tensors"),
     LoaderSpec("fastsafetensors_tp", "fastsafetensors get_sharded (weightcast's tp dims)", "tp", "peer", "rchar"),
     LoaderSpec("wc_replicate_node-shared", "weightcast replicate, node-shared", "replicate", "weightcast", "report"),

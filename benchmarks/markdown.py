@@ -83,8 +83,9 @@ def _targets(checks: list[dict]) -> list[str]:
 
 
 def _not_run(suite) -> list[str]:
-    items = [(f["checkpoint"], f.get("mode", ""), f["world"], f["loader"], "failed: " + f["error"].splitlines()[0])
-             for f in suite.failures]
+    items = [(f["checkpoint"], f.get("mode", ""), f["world"], f["loader"], "failed: " + f["error"].splitlines()[0]
+              + (" (a rank was SIGKILLed: the kernel's OOM killer, when dmesg says so)"
+                 if "SIGKILL" in f.get("detail", "") else "")) for f in suite.failures]
     items += [(s["checkpoint"], s["mode"], s["world"], s["loader"], "skipped: " + s["reason"]) for s in suite.skipped]
     if not items:
         return ["Every loader ran everywhere it was asked to."]

@@ -59,7 +59,8 @@ def reset_peak_rss() -> None:
 
 
 def release_memory() -> None:
-    """Give freed heap memory back to the system (glibc), so the next trial starts clean."""
+    """Give freed heap memory back to the system (glibc), so the next trial starts clean
+    (cheap once the imported modules' objects are frozen: ``gc.freeze()`` in the rank)."""
     import gc
     gc.collect()
     try:
@@ -119,6 +120,8 @@ def make_cold(files: list[str]) -> None:
 def resident_fraction(files: list[str]) -> float:
     """Fraction of the files' pages in the page cache (``mincore``), to check warm/cold state."""
     import mmap
+
+    import numpy as np
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -135,7 +138,7 @@ def resident_fraction(files: list[str]) -> float:
             pages = (size + PAGE - 1) // PAGE
             vec = ctypes.create_string_buffer(pages)
             libc.mincore(ctypes.c_void_p(addr), size, vec)
-            resident += sum(b & 1 for b in vec.raw)
+            resident += int((np.frombuffer(vec.raw, dtype=np.uint8) & 1).sum())
             total += pages
             libc.munmap(ctypes.c_void_p(addr), size)
         finally:

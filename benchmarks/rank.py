@@ -18,6 +18,7 @@ once; torchrun then stops the job and the parent relaunches it with the loaders 
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -81,7 +82,6 @@ def _trial(step: Step, source: str, ctx: dict, gpu: bool, ident: dict) -> dict |
               "rchar": io1["rchar"] - io0["rchar"], "read_bytes": io1["read_bytes"] - io0["read_bytes"],
               **extra, **cache}
     del result
-    procfs.release_memory()
     ranks: list = [None] * ident["world"]
     dist.all_gather_object(ranks, record)
     if ident["rank"] != 0:
@@ -119,6 +119,8 @@ def run(spec: dict) -> int:
             if (step.loader, step.checkpoint) not in prepared:
                 prepare(step.loader, source)
                 prepared[step.loader, step.checkpoint] = _context(step.loader, source, spec, ident["world"])
+                gc.collect()
+                gc.freeze()  # imported modules' objects: later collections skip them (untimed, faster)
             record = _trial(step, source, prepared[step.loader, step.checkpoint], bool(spec.get("gpu")), ident)
             if record is not None:
                 _append(spec["results"], record)

@@ -30,6 +30,8 @@ def _requested(loader: str, trial: dict) -> int:
     how = LOADERS[loader].requested if loader in LOADERS else "rchar"
     if how == "rchar":
         return sum(r["rchar"] for r in ranks)
+    if how == "device":  # O_DIRECT reads bypass read() accounting and the page cache
+        return sum(r["read_bytes"] for r in ranks)
     if any(r.get("requested") is None for r in ranks) and trial.get("planned_read_bytes") is not None:
         return trial["planned_read_bytes"]
     return sum(r.get("requested") or 0 for r in ranks)
@@ -92,14 +94,14 @@ def table(rows: list[dict], ckpt_bytes: int) -> str:
     """A markdown table of rows (one checkpoint and mode), grouped by N (GB, or MB for checkpoints
     under 1 GB)."""
     u, name = (GBF, "GB") if ckpt_bytes >= GBF else (1e6, "MB")
-    head = (f"| N | loader | min s | median s | weightcast ÷ loader, time | summed PSS {name} | weightcast ÷ "
+    head = (f"| N | loader | trials | min s | median s | weightcast ÷ loader, time | summed PSS {name} | weightcast ÷ "
             f"loader, PSS | max private / rank {name} | max anon / rank {name} (load's own) | requested from "
             f"storage {name} (x ckpt) | read() {name} | block-device reads {name} |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(rows, key=lambda r: (r["world"], _order(r["loader"]))):
         label = LOADERS[r["loader"]].label if r["loader"] in LOADERS else r["loader"]
         label = f"**{label}**" if r["loader"].startswith("wc_") else label
-        out.append(f"| {r['world']} | {label} | {r['min_s']:.2f} | {r['median_s']:.2f} | {_x(r['wc_time_ratio'])} | "
+        out.append(f"| {r['world']} | {label} | {r['trials']} | {r['min_s']:.2f} | {r['median_s']:.2f} | {_x(r['wc_time_ratio'])} | "
                    f"{_gb(r['pss_sum'], u)} | {_x(r['wc_pss_ratio'])} | {_gb(r['private_max'], u)} | "
                    f"{_gb(r['anon_max'], u)} ({_gb(r['anon_load_max'], u)}) | {_gb(r['requested'], u)} "
                    f"({r['requested'] / ckpt_bytes:.2f}){' (plan)' if r.get('requested_from_plan') else ''} | {_gb(r['rchar'], u)} | {_gb(r['device_read'], u)} |")
