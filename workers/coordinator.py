@@ -5,7 +5,9 @@ order. Payloads travel as one ``bytes`` blob in a uint8 tensor (object collectiv
 nested objects and cost seconds for megabytes). A failure on rank 0 while planning is broadcast
 instead of the plan, so every rank raises the same error; failures on any rank inside a phase
 are exchanged by :func:`sync_status`, so every rank raises a :class:`LoadError` naming the
-failing rank, its host and the cause.
+failing rank, its host and the cause. A failing rank first drops the phase group
+(:func:`abort_phase`) so peers blocked on it inside the phase fail at once. A peer that died or
+went silent past the timeout makes every collective here raise a LoadError too (:func:`guarded`).
 """
 from __future__ import annotations
 
