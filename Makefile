@@ -31,6 +31,7 @@ bench: $(STAMP)
 
 emu-bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench,$(EXTRAS)]"
+	sh benchmarks/cluster_emu/setup_deps.sh $(BIN)/python
 	$(BIN)/python -m benchmarks.cluster_emu.run
 
 clean:
