@@ -90,3 +90,23 @@ def test_tp_four_ranks_private_memory(tmp_path) -> None:
         # growth stays near this rank's share, far below the whole model
         assert v["private_growth"] <= v["owned"] + (24 << 20), v
         assert v["private_growth"] < checkpoint / 2, v
+
+
+def test_old_checkpoint_with_saved_position_ids_loads_strict(tmp_path, monkeypatch) -> None:
+    """Checkpoints saved by older transformers carry BERT's non-persistent ``position_ids``
+    buffer (all-MiniLM-L6-v2 does); from_pretrained ignores it, so does a strict load here."""
+    from safetensors.torch import load_file, save_file
+    from workers.api import load_pretrained
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+    save_tiny_bert(tmp_path)
+    path = tmp_path / "model.safetensors"
+    sd = load_file(str(path))
+    sd["embeddings.position_ids"] = torch.arange(64)[None]
+    save_file(sd, str(path), metadata={"format": "pt"})
+    model = load_pretrained(str(tmp_path), model="auto", strict=True, progress=False)
+    assert torch.equal(model.embeddings.word_embeddings.weight, sd["embeddings.word_embeddings.weight"])
+    with pytest.raises(Exception, match="unexpected"):
+        sd["not.a.model.key"] = torch.zeros(2)
+        save_file(sd, str(path), metadata={"format": "pt"})
+        load_pretrained(str(tmp_path), model="auto", strict=True, progress=False)

@@ -119,14 +119,14 @@ def _load(group: Group, job: Job, want_report: bool) -> tuple[Any, dict | None]:
 
 
 def _touch(result: Any) -> None:
-    """Read one byte per page of every tensor, so memory figures count what the load owns."""
+    """Read one byte per page of every tensor this rank holds (DTensors: their local shard;
+    tensors on meta: nothing), so memory figures count what the load owns."""
     tensors = result.values() if isinstance(result, dict) else list(result.state_dict().values())
     for t in tensors:
-        if t.device.type == "cpu" and t.numel():
-            flat = t.reshape(-1)
-            b = flat.view(torch.uint8) if flat.is_contiguous() and flat.dtype != torch.bool else None
-            if b is not None:
-                b[::4096].sum()
+        if hasattr(t, "to_local"):
+            t = t.to_local()
+        if t.device.type == "cpu" and t.numel() and t.is_contiguous() and t.dtype != torch.bool:
+            t.reshape(-1).view(torch.uint8)[::4096].sum()
 
 
 def _device_memory(device: torch.device, mem: dict) -> int:

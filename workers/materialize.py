@@ -150,7 +150,7 @@ def assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *, strict:
     if hasattr(module, "tie_weights"):
         module.tie_weights()
     missing = [k for k, v in module.state_dict(keep_vars=True).items() if v.is_meta]
-    unexpected = list(result.unexpected_keys)
+    unexpected = [k for k in result.unexpected_keys if not _ignorable(module, k)]
     if strict and (missing or unexpected):
         raise ModelMismatchError("The checkpoint does not match the model",
                                  where=f"{len(missing)} missing, {len(unexpected)} unexpected keys",
@@ -161,6 +161,17 @@ def assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *, strict:
         module.to(device)
     module.eval()  # as from_pretrained returns it (dropout off)
     return module
+
+
+def _ignorable(module: torch.nn.Module, key: str) -> bool:
+    """A checkpoint key the model does not load, as from_pretrained ignores it: a non-persistent
+    buffer the model computes itself (e.g. BERT's ``position_ids`` saved by older versions), or
+    a name matching the class's ``_keys_to_ignore_on_load_unexpected`` patterns."""
+    import re
+    if key in dict(module.named_buffers()):
+        return True
+    patterns = getattr(module, "_keys_to_ignore_on_load_unexpected", None) or []
+    return any(re.search(p, key) for p in patterns)
 
 
 def guard_no_init(fn: Callable) -> Callable:
