@@ -112,7 +112,22 @@ def counters(args: argparse.Namespace) -> dict:
              for item in json.loads(out) if item["ifname"].startswith("p")}
     return {"storage_bytes": stats["total_bytes"], "storage_clients": stats["clients"],
             "storage_cpu_s": stats.get("cpu_s", 0.0), "links": links, "time": time.time(),
-            "loadavg": os.getloadavg()[0]}
+            "loadavg": os.getloadavg()[0], "reclaimed_pages": _reclaimed_pages()}
+
+
+def _reclaimed_pages() -> int:
+    """Pages the kernel reclaimed so far, machine-wide (``pgsteal_anon`` + ``pgsteal_file`` of
+    /proc/vmstat): a trial during which this grows may have lost page-cache pages it read, and
+    read them again."""
+    total = 0
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith(("pgsteal_anon ", "pgsteal_file ")):
+                    total += int(line.split()[1])
+    except OSError:
+        pass
+    return total
 
 
 def delta(before: dict, after: dict) -> dict:
@@ -124,7 +139,8 @@ def delta(before: dict, after: dict) -> dict:
             "storage_clients": {k: v for k, v in clients.items() if v},
             "link_bytes": sum(v["rx"] for v in links.values()),
             "links": links, "storage_cpu_s": after.get("storage_cpu_s", 0) - before.get("storage_cpu_s", 0),
-            "loadavg": [before.get("loadavg"), after.get("loadavg")]}
+            "loadavg": [before.get("loadavg"), after.get("loadavg")],
+            "reclaimed_bytes": 4096 * (after.get("reclaimed_pages", 0) - before.get("reclaimed_pages", 0))}
 
 
 def _trial(load: LoadFn, args: argparse.Namespace, ident: dict) -> dict | None:

@@ -76,7 +76,8 @@ def summarize(key: str, result: dict, topo: Topology, ckpt_bytes: int) -> dict:
             "busiest_link_bytes": int(statistics.median(busiest)),
             "peak_rss_bytes": int(statistics.median(peak)), "pss_bytes": int(statistics.median(pss)),
             "storage_cpu_s": statistics.median(t.get("storage_cpu_s", 0.0) for t in trials),
-            "loadavg_max": max(loads, default=None)}
+            "loadavg_max": max(loads, default=None),
+            "reclaimed_bytes_max": max(t.get("reclaimed_bytes", 0) for t in trials)}
 
 
 def markdown_table(rows: list[dict]) -> str:
