@@ -33,7 +33,8 @@ from types import MappingProxyType
 from typing import Mapping
 
 from orchestrator.cluster import GB, ClusterSpec
-from orchestrator.planner import LoadPlan, TransferItem, owned_bytes, owned_table, tensor_lengths
+from orchestrator.planner import (LoadPlan, TransferItem, owned_bytes, owned_table, slice_bytes,
+                                  tensor_lengths)
 
 Link = tuple[str, object]  # ("rank-out" | "rank-in" | "node-out" | "node-in" | "touch", rank/node)
 
@@ -161,7 +162,7 @@ def transfer_links(plan: LoadPlan, node_of: dict[int, str], tree: bool = True
     receiving side (the same bytes on every rank) is kept as one ``("rank-in", "*")`` /
     ``("node-in", "*")`` entry per round and spread over the ranks only in the totals."""
     sizes = [c.length for c in plan.chunks]
-    slices = _slice_bytes(plan) if any(t.kind == "scatter" for t in plan.transfers) else {}
+    slices = slice_bytes(plan) if any(t.kind == "scatter" for t in plan.transfers) else {}
     local = defaultdict(int)
     for r in range(plan.world_size):
         local[node_of[r]] += 1
@@ -241,19 +242,6 @@ def _item_links(t: TransferItem, n: int, plan: LoadPlan, node_of: dict[int, str]
             out += [(("rank-out", t.src), b), (("rank-in", d), b)]
         else:
             out += [(("node-out", src_node), b), (("node-in", node_of[d]), b)]
-    return out
-
-
-def _slice_bytes(plan: LoadPlan) -> dict[tuple[str, int], int]:
-    """(tensor, rank) -> bytes of that rank's slice along dim > 0 (a scatter item holds whole
-    tensors, so a destination receives exactly its slices)."""
-    lengths = tensor_lengths(plan)
-    out: dict[tuple[str, int], int] = {}
-    for row in owned_table(plan).rows:
-        if row.dim and row.shape:
-            n = owned_bytes(row, lengths.get(row.name, 0))
-            for r in row.ranks:
-                out[(row.name, r)] = n
     return out
 
 

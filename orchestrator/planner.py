@@ -308,7 +308,7 @@ def rank_recv_bytes(plan: LoadPlan) -> list[int]:
     receiver counts the whole chunk, which it stages for its node)."""
     out = [0] * plan.world_size
     sizes = [c.length for c in plan.chunks]
-    slices = _slice_bytes(plan) if any(t.kind == "scatter" for t in plan.transfers) else {}
+    slices = slice_bytes(plan) if any(t.kind == "scatter" for t in plan.transfers) else {}
     for t in plan.transfers:
         if t.kind == "scatter":  # an item holds every chunk of its tensors
             names = {plan.chunks[c].tensor for c in t.chunks}
@@ -322,8 +322,9 @@ def rank_recv_bytes(plan: LoadPlan) -> list[int]:
     return out
 
 
-def _slice_bytes(plan: LoadPlan) -> dict[tuple[str, int], int]:
-    """(tensor, rank) -> bytes of the slice that rank owns, for slices along dim > 0."""
+def slice_bytes(plan: LoadPlan) -> dict[tuple[str, int], int]:
+    """(tensor, rank) -> bytes of the slice that rank owns, for slices along dim > 0 (a scatter
+    item holds whole tensors, so a destination receives exactly its slices)."""
     lengths = tensor_lengths(plan)
     out: dict[tuple[str, int], int] = {}
     for row in owned_table(plan).rows:

@@ -149,18 +149,24 @@ def assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *, strict:
     result = module.load_state_dict(tensors, strict=False, assign=True)
     if hasattr(module, "tie_weights"):
         module.tie_weights()
+    check_keys(module, result.unexpected_keys, strict)
+    if device.type != "cpu":
+        module.to(device)
+    module.eval()  # as from_pretrained returns it (dropout off)
+    return module
+
+
+def check_keys(module: torch.nn.Module, unexpected: list[str], strict: bool) -> None:
+    """With ``strict``: no parameter may be left on meta and no checkpoint key may be unknown to
+    the model (saved non-persistent buffers excepted, as from_pretrained ignores them)."""
     missing = [k for k, v in module.state_dict(keep_vars=True).items() if v.is_meta]
-    unexpected = [k for k in result.unexpected_keys if not _ignorable(module, k)]
+    unexpected = [k for k in unexpected if not _ignorable(module, k)]
     if strict and (missing or unexpected):
         raise ModelMismatchError("The checkpoint does not match the model",
                                  where=f"{len(missing)} missing, {len(unexpected)} unexpected keys",
                                  expected=f"no missing keys (missing: {missing[:10]})",
                                  got=f"unexpected keys: {unexpected[:10]}",
                                  fix="use the matching config / model class, or pass strict=False")
-    if device.type != "cpu":
-        module.to(device)
-    module.eval()  # as from_pretrained returns it (dropout off)
-    return module
 
 
 def _ignorable(module: torch.nn.Module, key: str) -> bool:

@@ -15,14 +15,13 @@ splits included), and re-tie tied weights. No parameter is allocated twice or in
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
 
 from orchestrator.device_map import ClusterDeviceMap, Shard, device_map_from_json, shard_bounds
 from orchestrator.errors import ModelMismatchError
-from workers.materialize import build_skeleton
+from workers.materialize import build_skeleton, check_keys
 
 
 def materialize_tp(job: Any, payload: dict, tensors: dict[str, torch.Tensor], device: torch.device,
@@ -172,11 +171,4 @@ def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], what: str) 
 
 def _check_complete(module: torch.nn.Module, state: dict, strict: bool) -> None:
     expected = module.state_dict(keep_vars=True)
-    missing = [k for k, v in expected.items() if v.is_meta]
-    unexpected = [k for k in state if k not in expected]
-    if strict and (missing or unexpected):
-        raise ModelMismatchError("The checkpoint does not match the model",
-                                 where=f"{len(missing)} missing, {len(unexpected)} unexpected keys",
-                                 expected=f"no missing keys (missing: {missing[:10]})",
-                                 got=f"unexpected keys: {json.dumps(unexpected[:10])}",
-                                 fix="use the matching config / model class, or pass strict=False")
+    check_keys(module, [k for k in state if k not in expected], strict)
