@@ -235,20 +235,6 @@ def _e2e(suite: Suite, opts: Options, prog: Progress, name: str) -> None:
             suite.failures += [{**f, "mode": "end-to-end"} for f in job.failures]
 
 
-def _fill_planned(suite: Suite) -> None:
-    """Weightcast trials run without the gathered report (tp) get the bytes their plan assigns
-    to storage reads (``weightcast plan --json``), marked as such."""
-    from benchmarks.simulate import planned_read_bytes
-    cache: dict[tuple, int | None] = {}
-    for r in suite.records:
-        if r["loader"].startswith("wc_") and any(x.get("requested") is None for x in r["ranks"]):
-            _, dm, transport = r["loader"].split("_", 2)
-            key = (r["checkpoint"], r["world"], dm, transport)
-            if key not in cache:
-                cache[key] = planned_read_bytes(suite.checkpoints[r["checkpoint"]]["path"], *key[1:])
-            r["planned_read_bytes"] = cache[key]
-
-
 def _simulate(suite: Suite, opts: Options) -> None:
     from benchmarks.physical import lower_bounds
     from benchmarks.simulate import cluster_yaml, predict
@@ -304,7 +290,6 @@ def run_suite(opts: Options) -> Suite:
             _e2e(suite, opts, prog, first)
     finally:
         prog.close()
-    _fill_planned(suite)
     if opts.simulate:
         _simulate(suite, opts)
     if opts.gpu:

@@ -220,16 +220,12 @@ def load_runai(source: str, ctx: dict) -> tuple[Any, dict]:
 
 def load_weightcast(source: str, ctx: dict, device_map: str, transport: str) -> tuple[Any, dict]:
     """``load_pretrained(model="auto", strict=False)`` (unexpected checkpoint keys ignored, as
-    ``from_pretrained`` does). The gathered report (bytes read, phases) is asked for except with
-    ``tp``: there its memory probe re-gathers every DTensor (a redistribution per parameter) and
-    would dominate the time; the bytes read then come from the plan (:mod:`benchmarks.bench`)."""
+    ``from_pretrained`` does), with the gathered report (bytes read, phases) but without its
+    memory probe: the harness reads every rank's memory itself, after touching."""
     from workers.api import load_pretrained
-    want_report = device_map != "tp"
-    out = load_pretrained(source, model="auto", device_map=device_map, transport=transport, strict=False,
-                          return_report=want_report, progress=False, timeout=ctx.get("timeout", 300.0))
-    if not want_report:
-        return out, {"requested": None}
-    model, report = out
+    model, report = load_pretrained(source, model="auto", device_map=device_map, transport=transport,
+                                    strict=False, return_report=True, report_memory=False, progress=False,
+                                    timeout=ctx.get("timeout", 300.0))
     rank = int(os.environ.get("RANK", 0))
     return model, {"requested": report["ranks"][rank]["read_bytes"], "report": report if rank == 0 else None}
 

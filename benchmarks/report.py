@@ -32,8 +32,6 @@ def _requested(loader: str, trial: dict) -> int:
         return sum(r["rchar"] for r in ranks)
     if how == "device":  # O_DIRECT reads bypass read() accounting and the page cache
         return sum(r["read_bytes"] for r in ranks)
-    if any(r.get("requested") is None for r in ranks) and trial.get("planned_read_bytes") is not None:
-        return trial["planned_read_bytes"]
     return sum(r.get("requested") or 0 for r in ranks)
 
 
@@ -56,7 +54,6 @@ def summarize(records: list[dict]) -> list[dict]:
                                       for t in trials]),
             "peak_rss_max": _median([max(r["mem"].get("peak_rss", 0) for r in t["ranks"]) for t in trials]),
             "requested": _median([_requested(loader, t) for t in trials]),
-            "requested_from_plan": any("planned_read_bytes" in t for t in trials),
             "rchar": _median([sum(r["rchar"] for r in t["ranks"]) for t in trials]),
             "device_read": _median([sum(r["read_bytes"] for r in t["ranks"]) for t in trials]),
             "touched": _median([sum(r["touched"] for r in t["ranks"]) for t in trials]),
@@ -104,7 +101,7 @@ def table(rows: list[dict], ckpt_bytes: int) -> str:
         out.append(f"| {r['world']} | {label} | {r['trials']} | {r['min_s']:.2f} | {r['median_s']:.2f} | {_x(r['wc_time_ratio'])} | "
                    f"{_gb(r['pss_sum'], u)} | {_x(r['wc_pss_ratio'])} | {_gb(r['private_max'], u)} | "
                    f"{_gb(r['anon_max'], u)} ({_gb(r['anon_load_max'], u)}) | {_gb(r['requested'], u)} "
-                   f"({r['requested'] / ckpt_bytes:.2f}){' (plan)' if r.get('requested_from_plan') else ''} | {_gb(r['rchar'], u)} | {_gb(r['device_read'], u)} |")
+                   f"({r['requested'] / ckpt_bytes:.2f}) | {_gb(r['rchar'], u)} | {_gb(r['device_read'], u)} |")
     return "\n".join(out)
 
 

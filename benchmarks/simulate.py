@@ -29,12 +29,6 @@ def cluster_yaml(path: str, world: int, phys: dict, cold: bool) -> str:
     return path
 
 
-def planned_read_bytes(source: str, world: int, device_map: str, transport: str) -> int | None:
-    """Storage bytes weightcast's plan assigns to the ranks (``weightcast plan --json``), or None."""
-    out = _plan(["--nodes", "1", "--cpus-per-node", str(world)], source, device_map, transport, simulate=False)
-    return out.get("total_read_bytes")
-
-
 def predict(source: str, cluster: str, device_map: str, transport: str) -> dict:
     """The ``--json`` summary of ``weightcast plan --simulate`` or ``{"error": why}``."""
     out = _plan(["--cluster", cluster], source, device_map, transport, simulate=True)

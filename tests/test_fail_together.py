@@ -188,3 +188,37 @@ def _hold_area(path: str, ready) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q", "-s"]))
+
+
+def test_control_groups_kept_after_success_and_replaced_after_failure(ckpt):
+    """Loads in one process group: a load that ended well leaves its control groups for the next
+    (same objects, no new gloo group); a failed load destroys them, and the load after it makes
+    new ones; a different timeout never reuses groups made for another."""
+    outs = faults.run_ranks(3, _group_sequence, _load_args(ckpt), user_group=True, timeout=120)
+    assert [o.exitcode for o in outs] == [0, 0, 0], [o.error for o in outs]
+    for o in outs:
+        crcs, kept = o.value
+        assert all(c == crcs[0] for c in crcs if c is not None) and crcs[2] is None, crcs
+        # kept ids after: load 1, load 2 (same), failed load (none), load 4 (new), load 5 (other timeout)
+        assert kept[0] is not None and kept[1] == kept[0], kept
+        assert kept[2] is None, kept
+        assert kept[3] is not None and kept[3] != kept[0], kept
+        assert kept[4] is not None and kept[4] != kept[3], kept
+
+
+def _group_sequence(args: dict) -> list:
+    from workers import coordinator
+    crcs, kept, held = [], [], []
+    for i, timeout in enumerate([TIMEOUT, TIMEOUT, TIMEOUT, TIMEOUT, TIMEOUT + 1]):
+        os.environ.pop("WC_FAULT", None)
+        if i == 2:
+            os.environ["WC_FAULT"] = "raise@1:transfer"
+        try:
+            crcs.append(faults.load_scenario({**args, "timeout": timeout}))
+        except Exception:  # noqa: BLE001 - the injected failure
+            crcs.append(None)
+        kept.append(id(coordinator._KEPT[0][2]) if coordinator._KEPT else None)
+        # keep the ids meaningful: hold every kept group so no id is reused by a new one
+        held.extend(g for e in coordinator._KEPT for g in e[2:])
+    os.environ.pop("WC_FAULT", None)
+    return [crcs, kept]

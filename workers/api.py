@@ -30,7 +30,8 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
                     cluster: Any = None, transport: str = "auto", allow_pickle: bool = False,
                     trust_remote_code: bool = False, strict: bool = True, timeout: float = 300.0,
                     bucket_bytes: int = 256 << 20, chunk_bytes: int = 64 << 20, threads: int = 4,
-                    progress: bool = True, return_report: bool = False, verify_checksums: bool = False,
+                    progress: bool = True, return_report: bool = False, report_memory: bool = True,
+                    verify_checksums: bool = False,
                     reader_factory: Callable | None = None,
                     phase_hook: Callable[[str, int], None] | None = None) -> Any:
     """Load ``source`` onto every rank of the job; returns this rank's model (or state dict).
@@ -42,7 +43,9 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
     ``dtype`` (alias ``torch_dtype``): ``"auto"``, a ``torch.dtype`` or its name.
     ``transport``: ``"auto"`` (node-shared for CPU targets, collective for CUDA), or either.
     With ``return_report=True`` returns ``(result, report)``, the report being the gathered
-    summary of every rank (same dict on every rank).
+    summary of every rank (same dict on every rank). Its memory figures (PSS, private bytes)
+    are read after touching every page this rank holds; ``report_memory=False`` skips that
+    probe (they are then ``None``) for callers that measure memory themselves.
     Any failure on any rank raises on every rank within ``timeout`` seconds.
     ``reader_factory(root, file_stamps) -> StorageReader`` replaces the file reader and
     ``phase_hook(phase, rank)`` runs at the start of each phase (``plan``, ``transfer``,
@@ -60,13 +63,15 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
               tp_size=tp_size, cluster=cluster, transport=transport, allow_pickle=allow_pickle,
               trust_remote_code=trust_remote_code, strict=strict, bucket_bytes=bucket_bytes,
               chunk_bytes=chunk_bytes, threads=threads, progress=progress,
-              verify_checksums=verify_checksums, reader_factory=reader_factory,
+              report_memory=report_memory, verify_checksums=verify_checksums, reader_factory=reader_factory,
               phase_hook=phase_hook)
     group = setup_group(timeout)
+    ok = False
     try:
         result, report = _load(group, job, return_report)
+        ok = True
     finally:
-        teardown_group(group)  # the default group stays: the model may need it (TP)
+        teardown_group(group, ok)  # the default group stays: the model may need it (TP)
     return (result, report) if return_report else result
 
 
@@ -79,9 +84,8 @@ def _device_for(group: Group) -> torch.device:
 def _load(group: Group, job: Job, want_report: bool) -> tuple[Any, dict | None]:
     clock = PhaseClock()
     device = _device_for(group)
-    mem = memory_now()
     facts = {"rank": group.rank, "local_rank": group.local_rank, "host": group.node, "device": str(device),
-             "device_memory": _device_memory(device, mem), "host_memory": _host_memory()}
+             "device_memory": _device_memory(device), "host_memory": _host_memory()}
     clock.start("plan")
     error = None
     try:
@@ -112,8 +116,9 @@ def _load(group: Group, job: Job, want_report: bool) -> tuple[Any, dict | None]:
         report.phases[name] = [start - clock.t0, end - clock.t0]
     if not want_report:
         return result, None
-    _touch(result)
-    report.__dict__.update(memory_now())
+    if job.report_memory:
+        _touch(result)
+        report.__dict__.update(memory_now())
     reports = gather_reports(group, report)
     return result, summary(reports, payload["checkpoint_bytes"], max(r.seconds for r in reports))
 
@@ -129,7 +134,7 @@ def _touch(result: Any) -> None:
             t.reshape(-1).view(torch.uint8)[::4096].sum()
 
 
-def _device_memory(device: torch.device, mem: dict) -> int:
+def _device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return _host_memory()

@@ -52,7 +52,10 @@ def setup_group(timeout: float, env: dict[str, str] | None = None) -> Group:
     within ``timeout`` even when the user's group has the 30-minute default: ``pg`` for the
     coordination round and the status exchanges, and ``extra["phase_pg"]`` for what happens
     inside a phase (the data itself on CPU, barriers), which a failing rank drops
-    (:func:`abort_phase`) so that peers waiting on it fail at once.
+    (:func:`abort_phase`) so that peers waiting on it fail at once. The two groups of a load that
+    ended well on every rank are kept for the next load in the same process (see
+    :func:`teardown_group`): creating a gloo group and freeing one cost tens of milliseconds
+    with 4 ranks, a large part of a small load.
     """
     env = dict(os.environ if env is None else env)
     node = env.get("WEIGHTCAST_NODE") or socket.gethostname()
@@ -70,8 +73,7 @@ def setup_group(timeout: float, env: dict[str, str] | None = None) -> Group:
     if world == 1:
         return Group(0, 1, 0, 1, node, timeout=timeout, owns_default=owns)
     default_backend = dist.get_backend()
-    pg = _joining(env, timeout, lambda: dist.new_group(backend="gloo", timeout=td))
-    phase_pg = _joining(env, timeout, lambda: dist.new_group(backend="gloo", timeout=td))
+    pg, phase_pg = _control_groups(env, timeout)
     data_pg = phase_pg if default_backend == "gloo" else dist.group.WORLD
     group = Group(rank, world, local_rank, local_world, node, pg, data_pg, timeout, owns)
     group.extra["phase_pg"] = phase_pg
@@ -92,15 +94,54 @@ def _joining(env: dict[str, str], timeout: float, fn: Callable[[], Any]) -> Any:
                             "MASTER_ADDR/MASTER_PORT/WORLD_SIZE; check that no rank died at start") from exc
 
 
-def teardown_group(group: Group) -> None:
-    """Destroy the groups of a finished (or failed) load (every rank calls it). The default
-    group stays initialised, created by this load or not: the loaded model may use it."""
-    for pg in (group.extra.pop("phase_pg", None), group.pg):
-        if pg is not None and pg is not dist.group.WORLD:
+# The control groups of the last load that ended well: (default group, timeout, pg, phase_pg).
+_KEPT: list[tuple] = []
+
+
+def _control_groups(env: dict[str, str], timeout: float) -> tuple[Any, Any]:
+    """The load's two gloo groups: those kept by the previous load when they belong to the same
+    default group and timeout (every rank kept them: that load ended well everywhere), else new
+    ones (collective over the default group)."""
+    if _KEPT:
+        world, kept_timeout, pg, phase_pg = _KEPT.pop()
+        if world is dist.group.WORLD and kept_timeout == timeout and _registered(pg) and _registered(phase_pg):
+            return pg, phase_pg
+        _destroy(phase_pg, pg)
+    td = timedelta(seconds=timeout)
+    pg = _joining(env, timeout, lambda: dist.new_group(backend="gloo", timeout=td))
+    phase_pg = _joining(env, timeout, lambda: dist.new_group(backend="gloo", timeout=td))
+    return pg, phase_pg
+
+
+def _registered(pg: Any) -> bool:
+    try:
+        dist.get_process_group_ranks(pg)
+        return True
+    except (KeyError, RuntimeError, ValueError):  # destroyed since (e.g. with the default group)
+        return False
+
+
+def _destroy(*pgs: Any) -> None:
+    for pg in pgs:
+        if pg is not None and pg is not dist.group.WORLD and _registered(pg):
             try:
                 dist.destroy_process_group(pg)
             except (RuntimeError, ValueError):  # after a failed load the group may be broken
                 pass
+
+
+def teardown_group(group: Group, ok: bool = False) -> None:
+    """End a load's use of its groups (every rank calls it). After a load that ended well on
+    every rank (``ok``, with its phase group intact) the groups are kept for the next load of
+    this process; otherwise they are destroyed. The default group stays initialised, created by
+    this load or not: the loaded model may use it."""
+    phase_pg = group.extra.pop("phase_pg", None)
+    if ok and group.pg is not None and phase_pg is not None and dist.is_initialized():
+        while _KEPT:
+            _destroy(*_KEPT.pop()[2:])
+        _KEPT.append((dist.group.WORLD, group.timeout, group.pg, phase_pg))
+        return
+    _destroy(phase_pg, group.pg)
 
 
 def abort_phase(group: Group, error: BaseException | None = None) -> None:

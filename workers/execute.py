@@ -42,6 +42,7 @@ class Job:
     chunk_bytes: int = 64 << 20
     threads: int = 4
     progress: bool = True
+    report_memory: bool = True
     verify_checksums: bool = False
     reader_factory: Callable | None = None
     phase_hook: Callable[[str, int], None] | None = None

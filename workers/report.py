@@ -29,8 +29,8 @@ class LoadReport:
     seconds: float = 0.0
     phases: dict = field(default_factory=dict)  # phase -> [start, end] seconds since load start
     peak_rss_bytes: int = 0
-    pss_bytes: int = 0
-    private_bytes: int = 0
+    pss_bytes: int | None = None      # None: not measured (report_memory=False)
+    private_bytes: int | None = None
 
     @property
     def gbps(self) -> float:
@@ -92,9 +92,13 @@ def format_table(reports: list[LoadReport]) -> str:
     rows = ["rank  node            device   read MB   recv MB  owned MB  seconds  GB/s   PSS MB  priv MB"]
     for r in reports:
         rows.append(f"{r.rank:>4}  {r.node[:14]:<14}  {r.device:<7} {r.read_bytes / 1e6:>8.1f} {r.recv_bytes / 1e6:>9.1f}"
-                    f" {r.owned_bytes / 1e6:>9.1f} {r.seconds:>8.3f} {r.gbps:>5.2f} {r.pss_bytes / 1e6:>8.1f}"
-                    f" {r.private_bytes / 1e6:>8.1f}")
+                    f" {r.owned_bytes / 1e6:>9.1f} {r.seconds:>8.3f} {r.gbps:>5.2f} {_mb(r.pss_bytes):>8}"
+                    f" {_mb(r.private_bytes):>8}")
     return "\n".join(rows)
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f}"
 
 
 def plot_timeline(reports: list[LoadReport], path: str) -> None:
