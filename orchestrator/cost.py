@@ -18,8 +18,9 @@ workers execute a plan:
 - **first touch**: memory a rank must hold privately is written once at ``first_touch_gbps``:
   everything a CPU rank owns with the collective transport, only dim > 0 slices with node-shared
   staging (the rest are views of the page cache and the staging area); nothing for GPU ranks.
-- Collective loads overlap reading with moving (a bucket moves as soon as it is read);
-  node-shared loads read, then run the ring (as the workers do); ``overlap`` overrides.
+- Reading overlaps moving (a bucket moves as soon as it is read: collective buckets, and the
+  node-shared ring, whose readers read their ring buckets first); ``overlap=False`` models
+  reading everything first.
 
 The lower bound is ``max(bytes read per node / storage bw, bytes read / aggregate cap,
 busiest link's bytes / its bw, largest private first touch)``: no schedule of the same plan
@@ -60,7 +61,7 @@ def predict(plan: LoadPlan, cluster: ClusterSpec, *, overlap: bool | None = None
     touch_s = [b / (cluster.first_touch_gbps * GB) for b in touch]
     read_end = max(read_s, default=0.0)
     if overlap is None:
-        overlap = plan.options.transport == "collective"
+        overlap = True
     moved_end = 0.0
     if transfer_s:
         if overlap:

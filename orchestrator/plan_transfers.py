@@ -10,8 +10,9 @@ Called only by :func:`orchestrator.planner.plan_load` after the readers are chos
   is what spreads cross-node fan-out over every node's network link.
 - ``node-shared``: a chunk read on node A and needed on other nodes travels one ring per rail
   (rail k = local rank k of each node): A -> B -> C ..., visiting only the nodes that need it, in
-  cluster node order after A. Chunks fill buckets per stream (reader node, rail, route); bucket
-  ``b`` of a stream makes hop ``s`` in round ``b + s``, a pipelined ring.
+  cluster node order after A. Chunks fill buckets per stream (reader node, rail, route), each at
+  most ``bucket_bytes`` and a quarter of the stream; bucket ``b`` of a stream makes hop ``s`` in
+  round ``b + s``, a pipelined ring that starts as soon as each reader has read its bucket 0.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from bisect import bisect_left
 from orchestrator.cluster import ClusterSpec
 from orchestrator.plan_build import Needs
 from orchestrator.planner import Chunk, PlanOptions, TransferItem
+
+RING_DEPTH = 4  # a ring stream is cut into at least this many buckets (when its chunks allow)
 
 
 def make_transfers(chunks: tuple[Chunk, ...], cluster: ClusterSpec, options: PlanOptions,
@@ -101,7 +104,7 @@ def _ring(chunks: tuple[Chunk, ...], cluster: ClusterSpec,
     n_nodes = len(node_ranks)
     routes: dict[tuple[int, int], tuple[int, ...]] = {}
     keep = []  # keeps the consumer tuples alive while their id() keys the cache
-    streams: dict[tuple[int, int, tuple[int, ...]], list[list]] = {}
+    streams: dict[tuple[int, int, tuple[int, ...]], list] = {}
     for c in chunks:
         a = rank_node[c.reader]
         route = routes.get((id(c.consumers), a))
@@ -111,11 +114,8 @@ def _ring(chunks: tuple[Chunk, ...], cluster: ClusterSpec,
             routes[(id(c.consumers), a)] = route
         if not route:
             continue
-        buckets = streams.setdefault((a, rail[c.reader], route), [])
-        if not buckets or (buckets[-1][1] + c.length > bucket_bytes):
-            buckets.append([[], 0])
-        buckets[-1][0].append(c.id)
-        buckets[-1][1] += c.length
+        streams.setdefault((a, rail[c.reader], route), []).append(c)
+    streams = {key: _ring_buckets(members, bucket_bytes) for key, members in streams.items()}
     order = sorted((b, key) for key, buckets in streams.items() for b in range(len(buckets)))
     items = []
     for number, (b, (a, k, route)) in enumerate(order):
@@ -128,3 +128,17 @@ def _ring(chunks: tuple[Chunk, ...], cluster: ClusterSpec,
             prev = node
     items.sort(key=lambda t: (t.round, t.bucket, t.step))
     return tuple(items)
+
+
+def _ring_buckets(members: list[Chunk], bucket_bytes: int) -> list[list]:
+    """A stream's chunks in buckets of at most ``bucket_bytes`` and of at most 1/RING_DEPTH of
+    the stream, so that even a small stream is pipelined: the workers send bucket 0 as soon as
+    it is read, while the rest is read."""
+    limit = min(bucket_bytes, max(1, -(-sum(c.length for c in members) // RING_DEPTH)))
+    buckets: list[list] = []
+    for c in members:
+        if not buckets or buckets[-1][1] + c.length > limit:
+            buckets.append([[], 0])
+        buckets[-1][0].append(c.id)
+        buckets[-1][1] += c.length
+    return buckets

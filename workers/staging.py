@@ -25,8 +25,10 @@ import glob
 import mmap
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from bisect import bisect_right
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import groupby
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -141,41 +143,80 @@ class _Areas:
         self.fds.clear()
 
 
-def _populate_by_reading(pool: ReadPool, plan: LoadPlan, rank: int) -> list:
-    """Read this rank's ranges into the page cache in large requests (data discarded): the
-    way for network filesystems, where page-sized mmap faults crawl."""
-    futures = []
-    scratch = [torch.empty(POPULATE_BYTES, dtype=torch.uint8).numpy() for _ in range(4)]
-    k = 0
+def _segments(plan: LoadPlan, rank: int, size: int) -> list[tuple[str, int, int]]:
+    """This rank's read ranges cut into requests of at most ``size`` bytes, ordered by first
+    use: the chunks this rank sends first on a cross-node ring come first (their round), the
+    rest after, so the ring starts while the remaining reads go on."""
+    firsts: dict[str, list[tuple[int, int, int]]] = {}
+    for t in plan.transfers:
+        if t.kind == "hop" and t.step == 0 and t.src == rank:
+            for cid in t.chunks:
+                c = plan.chunks[cid]
+                firsts.setdefault(c.file, []).append((c.offset, c.offset + c.length, t.round))
+    for spans in firsts.values():
+        spans.sort()
+    out = []
     for item in plan.reads:
         if item.rank != rank:
             continue
-        for off in range(item.offset, item.offset + item.length, POPULATE_BYTES):
-            n = min(POPULATE_BYTES, item.offset + item.length - off)
-            buf = scratch[k % len(scratch)]  # contents are discarded: sharing a buffer is fine
-            k += 1
-            futures.append(pool.run(functools.partial(_read_count, pool.reader, item.file, off, memoryview(buf)[:n])))
-    return futures
+        for off in range(item.offset, item.offset + item.length, size):
+            n = min(size, item.offset + item.length - off)
+            spans = firsts.get(item.file, ())
+            i = bisect_right(spans, (off + n,)) - 1
+            first = min((r for lo, hi, r in spans[max(0, i - 64):i + 1] if hi > off and lo < off + n),
+                        default=float("inf"))
+            out.append((first, len(out), item.file, off, n))
+    return [(f, off, n) for _, _, f, off, n in sorted(out)]
+
+
+class _Populate:
+    """This rank's reads into the page cache, running in the background in first-use order
+    (:func:`_segments`): through its own private mapping (``MADV_POPULATE_READ``: the page cache
+    filled with large reads and this rank's page tables ready for its views, no copy) on local
+    filesystems, else large reads into a small scratch buffer whose contents are discarded (the
+    way for network filesystems, where page-sized mmap faults crawl). :meth:`wait` blocks until a
+    byte range is in; :meth:`finish` until everything is."""
+
+    def __init__(self, plan: LoadPlan, rank: int, method: str, maps: "_FileMaps", pool: ReadPool,
+                 threads: int) -> None:
+        self.spans: dict[str, list[tuple[int, int, Future]]] = {}
+        self.futures: list[Future] = []
+        self._executor = None
+        if method == "madvise":
+            self._executor = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="weightcast-populate")
+            for file, off, n in _segments(plan, rank, POPULATE_BYTES * 4):
+                self._add(file, off, n, self._executor.submit(populate_read, maps.get(file).data_ptr() + off, n))
+        else:
+            scratch = [torch.empty(POPULATE_BYTES, dtype=torch.uint8).numpy() for _ in range(4)]
+            for k, (file, off, n) in enumerate(_segments(plan, rank, POPULATE_BYTES)):
+                dest = memoryview(scratch[k % len(scratch)])[:n]  # discarded: sharing is fine
+                self._add(file, off, n, pool.run(functools.partial(_read_count, pool.reader, file, off, dest)))
+        for spans in self.spans.values():
+            spans.sort(key=lambda x: x[0])
+
+    def _add(self, file: str, off: int, n: int, future: Future) -> None:
+        self.spans.setdefault(file, []).append((off, off + n, future))
+        self.futures.append(future)
+
+    def wait(self, file: str, offset: int, length: int) -> None:
+        spans = self.spans.get(file, ())
+        i = bisect_right(spans, offset + length, key=lambda x: x[0])
+        for lo, hi, future in spans[max(0, i - 64):i]:
+            if hi > offset and lo < offset + length:
+                future.result()
+
+    def finish(self, bar) -> None:
+        for f in self.futures:
+            bar.update(f.result())
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _read_count(reader: StorageReader, file: str, offset: int, dest: memoryview) -> int:
     reader.read_into(file, offset, dest)
     return len(dest)
-
-
-def _populate_mapped(executor: ThreadPoolExecutor, plan: LoadPlan, rank: int, maps: "_FileMaps") -> list:
-    """Populate this rank's ranges through its own private mapping of each file
-    (``MADV_POPULATE_READ``): the page cache is filled with large reads and this rank's page
-    tables are ready for the views it builds next, with no copy into a scratch buffer."""
-    futures = []
-    for item in plan.reads:
-        if item.rank != rank:
-            continue
-        base = maps.get(item.file).data_ptr()
-        for off in range(item.offset, item.offset + item.length, POPULATE_BYTES * 4):
-            n = min(POPULATE_BYTES * 4, item.offset + item.length - off)
-            futures.append(executor.submit(populate_read, base + off, n))
-    return futures
 
 
 def populate_read(addr: int, length: int) -> int:
@@ -259,27 +300,26 @@ def run_node_shared(group: Group, plan: LoadPlan, root: str, reader: StorageRead
     pool = ReadPool(reader, threads)
     maps = _FileMaps(root, plan)
     mine = sum(i.length for i in plan.reads if i.rank == group.rank)
+    populate = None
     try:
         t0 = time.perf_counter()
+        method = populate_method(root, reader)
+        populate = _Populate(plan, group.rank, method, maps, pool, threads)
+        _run_hops(group, plan, maps, areas, stats, populate.wait)  # overlaps the reads
+        t_hops = time.perf_counter()
         with progress_bar(mine if show_progress and group.rank == 0 else 0, "reading") as bar:
-            if populate_method(root, reader) == "madvise":
-                with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="weightcast-populate") as ex:
-                    for f in _populate_mapped(ex, plan, group.rank, maps):
-                        bar.update(f.result())
-                stats.read_bytes = mine
-            else:
-                for f in _populate_by_reading(pool, plan, group.rank):
-                    bar.update(f.result())
-                stats.read_bytes = reader.bytes_read
+            populate.finish(bar)
+        stats.read_bytes = mine if method == "madvise" else reader.bytes_read
         t1 = time.perf_counter()
-        _run_hops(group, plan, maps, areas, stats)
         barrier(group)  # every node's page cache and staging areas are complete
         t2 = time.perf_counter()
         tensors = _build_views(plan, group.rank, maps, areas)
         barrier(group)  # every rank has mapped what it needs
         remove_areas(load_id)
-        stats.events += [("read", t0, t1), ("transfer", t1, t2), ("views", t2, time.perf_counter())]
+        stats.events += [("read", t0, t1), ("transfer", t0, max(t_hops, t2)), ("views", t2, time.perf_counter())]
     finally:
+        if populate is not None:
+            populate.close()
         pool.close()
         areas.close()
     return tensors, stats
@@ -292,8 +332,10 @@ def _node_of(plan: LoadPlan, rank: int) -> str:
     raise KeyError(rank)
 
 
-def _run_hops(group: Group, plan: LoadPlan, maps: _FileMaps, areas: _Areas, stats: TransferStats) -> None:
-    """Ring hops across nodes, round by round: a rank forwards a chunk only after it arrived."""
+def _run_hops(group: Group, plan: LoadPlan, maps: _FileMaps, areas: _Areas, stats: TransferStats,
+              ready: Callable[[str, int, int], None]) -> None:
+    """Ring hops across nodes, round by round: a rank sends a chunk it read once ``ready`` says
+    its bytes are in, and forwards one only after it arrived."""
     me = group.rank
     my_node = _node_of(plan, me)
     for _, items in groupby(plan.transfers, key=lambda t: t.round):
@@ -305,6 +347,8 @@ def _run_hops(group: Group, plan: LoadPlan, maps: _FileMaps, areas: _Areas, stat
                 c = plan.chunks[cid]
                 if t.src == me:
                     src_node_read = _node_of(plan, c.reader) == my_node
+                    if src_node_read:
+                        ready(c.file, c.offset, c.length)
                     buf = (maps.get(c.file) if src_node_read
                            else areas.writable(c.file))[c.offset:c.offset + c.length]
                     pending.append(dist.isend(buf, t.dsts[0], group=group.data_pg))
