@@ -11,7 +11,7 @@ Called only by :func:`orchestrator.planner.plan_load` after the readers are chos
 - ``node-shared``: a chunk read on node A and needed on other nodes travels one ring per rail
   (rail k = local rank k of each node): A -> B -> C ..., visiting only the nodes that need it, in
   cluster node order after A. Chunks fill buckets per stream (reader node, rail, route), each at
-  most ``bucket_bytes`` and a quarter of the stream; bucket ``b`` of a stream makes hop ``s`` in
+  most ``bucket_bytes`` (a quarter of the stream for streams of up to two buckets); bucket ``b`` of a stream makes hop ``s`` in
   round ``b + s``, a pipelined ring that starts as soon as each reader has read its bucket 0.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from orchestrator.cluster import ClusterSpec
 from orchestrator.plan_build import Needs
 from orchestrator.planner import Chunk, PlanOptions, TransferItem
 
-RING_DEPTH = 4  # a ring stream is cut into at least this many buckets (when its chunks allow)
+RING_DEPTH = 4  # a small ring stream is cut into this many buckets (when its chunks allow)
 
 
 def make_transfers(chunks: tuple[Chunk, ...], cluster: ClusterSpec, options: PlanOptions,
@@ -131,10 +131,12 @@ def _ring(chunks: tuple[Chunk, ...], cluster: ClusterSpec,
 
 
 def _ring_buckets(members: list[Chunk], bucket_bytes: int) -> list[list]:
-    """A stream's chunks in buckets of at most ``bucket_bytes`` and of at most 1/RING_DEPTH of
-    the stream, so that even a small stream is pipelined: the workers send bucket 0 as soon as
-    it is read, while the rest is read."""
-    limit = min(bucket_bytes, max(1, -(-sum(c.length for c in members) // RING_DEPTH)))
+    """A stream's chunks in buckets of at most ``bucket_bytes``; a stream of at most two buckets'
+    worth is cut into RING_DEPTH buckets instead, so that even a small stream is pipelined (the
+    workers send bucket 0 as soon as it is read, while the rest is read). Larger streams keep
+    full buckets: they already have three or more, and more buckets mean more ring items to plan."""
+    total = sum(c.length for c in members)
+    limit = bucket_bytes if total > 2 * bucket_bytes else max(1, -(-total // RING_DEPTH))
     buckets: list[list] = []
     for c in members:
         if not buckets or buckets[-1][1] + c.length > limit:
