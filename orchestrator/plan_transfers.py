@@ -11,8 +11,9 @@ Called only by :func:`orchestrator.planner.plan_load` after the readers are chos
 - ``node-shared``: a chunk read on node A and needed on other nodes travels one ring per rail
   (rail k = local rank k of each node): A -> B -> C ..., visiting only the nodes that need it, in
   cluster node order after A. Chunks fill buckets per stream (reader node, rail, route), each at
-  most ``bucket_bytes`` (a quarter of the stream for streams of up to two buckets); bucket ``b`` of a stream makes hop ``s`` in
-  round ``b + s``, a pipelined ring that starts as soon as each reader has read its bucket 0.
+  most ``bucket_bytes`` (a quarter of the stream for streams of up to two buckets); bucket ``b``
+  of a stream makes hop ``s`` in round ``b + s``, a pipelined ring that starts as soon as each
+  reader has read its bucket 0.
 """
 from __future__ import annotations
 
