@@ -11,7 +11,7 @@ Called only by :func:`orchestrator.planner.plan_load` after the readers are chos
 - ``node-shared``: a chunk read on node A and needed on other nodes travels one ring per rail
   (rail k = local rank k of each node): A -> B -> C ..., visiting only the nodes that need it, in
   cluster node order after A. Chunks fill buckets per stream (reader node, rail, route), each at
-  most ``bucket_bytes`` (a quarter of the stream for streams of up to two buckets); bucket ``b``
+  most ``bucket_bytes`` (a quarter of the stream for a stream that fits one bucket); bucket ``b``
   of a stream makes hop ``s`` in round ``b + s``, a pipelined ring that starts as soon as each
   reader has read its bucket 0.
 """
@@ -132,12 +132,12 @@ def _ring(chunks: tuple[Chunk, ...], cluster: ClusterSpec,
 
 
 def _ring_buckets(members: list[Chunk], bucket_bytes: int) -> list[list]:
-    """A stream's chunks in buckets of at most ``bucket_bytes``; a stream of at most two buckets'
-    worth is cut into RING_DEPTH buckets instead, so that even a small stream is pipelined (the
-    workers send bucket 0 as soon as it is read, while the rest is read). Larger streams keep
-    full buckets: they already have three or more, and more buckets mean more ring items to plan."""
+    """A stream's chunks in buckets of at most ``bucket_bytes``; a stream that fits one bucket is
+    cut into RING_DEPTH buckets instead, so that even a small stream is pipelined (the workers
+    send bucket 0 as soon as it is read, while the rest is read). Larger streams keep full
+    buckets: they have two or more already, and more buckets mean more ring items to plan."""
     total = sum(c.length for c in members)
-    limit = bucket_bytes if total > 2 * bucket_bytes else max(1, -(-total // RING_DEPTH))
+    limit = bucket_bytes if total > bucket_bytes else max(1, -(-total // RING_DEPTH))
     buckets: list[list] = []
     for c in members:
         if not buckets or buckets[-1][1] + c.length > limit:
