@@ -192,12 +192,19 @@ def test_golden_node_shared_two_nodes() -> None:
     plan = _plan({n: Replicate((0, 1)) for n in "abc"}, nodes=2, per_node=1,
                  transport="node-shared")
     assert [c.reader for c in plan.chunks] == [0, 1, 0, 0, 1]
-    # each stream (40 and 32 bytes) is cut into buckets of at most a quarter of it: one chunk each
-    assert plan.transfers == (TransferItem("hop", 0, (1,), (0,), 0, 0, 0),
+    # node 0's stream (40 bytes) fills 32-byte buckets; node 1's (32 bytes) fits one bucket, so
+    # it is cut into quarters (one chunk each here) and reading and the ring overlap
+    assert plan.transfers == (TransferItem("hop", 0, (1,), (0, 2), 0, 0, 0),
                               TransferItem("hop", 1, (0,), (1,), 1, 0, 0),
-                              TransferItem("hop", 0, (1,), (2,), 2, 0, 1),
-                              TransferItem("hop", 1, (0,), (4,), 3, 0, 1),
-                              TransferItem("hop", 0, (1,), (3,), 4, 0, 2))
+                              TransferItem("hop", 0, (1,), (3,), 2, 0, 1),
+                              TransferItem("hop", 1, (0,), (4,), 3, 0, 1))
+    small = _plan({n: Replicate((0, 1)) for n in "abc"}, nodes=2, per_node=1, transport="node-shared",
+                  bucket_bytes=1 << 20)
+    assert small.transfers == (TransferItem("hop", 0, (1,), (0,), 0, 0, 0),
+                               TransferItem("hop", 1, (0,), (1,), 1, 0, 0),
+                               TransferItem("hop", 0, (1,), (2,), 2, 0, 1),
+                               TransferItem("hop", 1, (0,), (4,), 3, 0, 1),
+                               TransferItem("hop", 0, (1,), (3,), 4, 0, 2))
     assert node_cross_bytes(plan) == {"node0": (40, 32), "node1": (32, 40)}
 
 
