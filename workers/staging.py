@@ -28,7 +28,7 @@ import time
 from bisect import bisect_right
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import groupby
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -178,7 +178,8 @@ class _Populate:
     byte range is in; :meth:`finish` until everything is."""
 
     def __init__(self, plan: LoadPlan, rank: int, method: str, maps: "_FileMaps", pool: ReadPool,
-                 threads: int) -> None:
+                 threads: int, bar: Any) -> None:
+        self.bar = bar  # a progress bar, advanced as each request completes
         self.spans: dict[str, list[tuple[int, int, Future]]] = {}
         self.futures: list[Future] = []
         self._executor = None
@@ -197,6 +198,7 @@ class _Populate:
     def _add(self, file: str, off: int, n: int, future: Future) -> None:
         self.spans.setdefault(file, []).append((off, off + n, future))
         self.futures.append(future)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception() or self.bar.update(n))
 
     def wait(self, file: str, offset: int, length: int) -> None:
         spans = self.spans.get(file, ())
@@ -205,9 +207,9 @@ class _Populate:
             if hi > offset and lo < offset + length:
                 future.result()
 
-    def finish(self, bar) -> None:
+    def finish(self) -> None:
         for f in self.futures:
-            bar.update(f.result())
+            f.result()
 
     def close(self) -> None:
         if self._executor is not None:
@@ -304,11 +306,11 @@ def run_node_shared(group: Group, plan: LoadPlan, root: str, reader: StorageRead
     try:
         t0 = time.perf_counter()
         method = populate_method(root, reader)
-        populate = _Populate(plan, group.rank, method, maps, pool, threads)
-        _run_hops(group, plan, maps, areas, stats, populate.wait)  # overlaps the reads
-        t_hops = time.perf_counter()
         with progress_bar(mine if show_progress and group.rank == 0 else 0, "reading") as bar:
-            populate.finish(bar)
+            populate = _Populate(plan, group.rank, method, maps, pool, threads, bar)
+            _run_hops(group, plan, maps, areas, stats, populate.wait)  # overlaps the reads
+            t_hops = time.perf_counter()
+            populate.finish()
         stats.read_bytes = mine if method == "madvise" else reader.bytes_read
         t1 = time.perf_counter()
         barrier(group)  # every node's page cache and staging areas are complete
