@@ -133,7 +133,8 @@ def _encode_transfers(ts: tuple[TransferItem, ...], sets: _Table) -> dict:
     groups: dict[int, list[TransferItem]] = {}
     for t in ts:
         groups.setdefault(t.bucket, []).append(t)
-    if [(t.round, t.bucket, t.step) for t in ts] != sorted((t.round, t.bucket, t.step) for t in ts) \
+    keys = [(t.round, t.bucket, t.step) for t in ts]
+    if any(a > b for a, b in zip(keys, keys[1:])) \
             or any(len({(t.kind, t.chunks) for t in g}) != 1 for g in groups.values()):
         return {"kind": [KINDS.index(t.kind) for t in ts], "src": [t.src for t in ts],
                 "dsts": [sets(t.dsts) for t in ts], "chunks": [list(t.chunks) for t in ts],
@@ -150,10 +151,14 @@ def _encode_transfers(ts: tuple[TransferItem, ...], sets: _Table) -> dict:
 
 
 def _is_chain(g: list[TransferItem]) -> bool:
-    first = g[0]
-    return all(t.kind == "hop" and len(t.dsts) == 1 and t.step == first.step + i
-               and t.round == first.round + i and (i == 0 or t.src == g[i - 1].dsts[0])
-               for i, t in enumerate(g))
+    """Hops whose steps and rounds rise by one and where each hop leaves from the last one's
+    destination (a plain loop: this runs once per ring item of a large plan)."""
+    step, rnd, at = g[0].step, g[0].round, g[0].src
+    for t in g:
+        if t.kind != "hop" or len(t.dsts) != 1 or t.step != step or t.round != rnd or t.src != at:
+            return False
+        step, rnd, at = step + 1, rnd + 1, t.dsts[0]
+    return True
 
 
 def _decode_transfers(doc: dict, sets: list[tuple[int, ...]]) -> tuple[TransferItem, ...]:

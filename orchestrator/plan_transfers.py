@@ -118,17 +118,18 @@ def _ring(chunks: tuple[Chunk, ...], cluster: ClusterSpec,
         streams.setdefault((a, rail[c.reader], route), []).append(c)
     streams = {key: _ring_buckets(members, bucket_bytes) for key, members in streams.items()}
     order = sorted((b, key) for key, buckets in streams.items() for b in range(len(buckets)))
-    items = []
+    # bucket numbers rise along ``order`` and a bucket has one hop per round, so appending each
+    # hop to its round's list keeps every list in (bucket, step) order: no sort needed
+    by_round: dict[int, list[TransferItem]] = {}
     for number, (b, (a, k, route)) in enumerate(order):
         ids = tuple(streams[(a, k, route)][b][0])
         prev = a
         for s, node in enumerate(route):
             src = node_ranks[prev][k % len(node_ranks[prev])]
             dst = node_ranks[node][k % len(node_ranks[node])]
-            items.append(TransferItem("hop", src, (dst,), ids, number, s, b + s))
+            by_round.setdefault(b + s, []).append(TransferItem("hop", src, (dst,), ids, number, s, b + s))
             prev = node
-    items.sort(key=lambda t: (t.round, t.bucket, t.step))
-    return tuple(items)
+    return tuple(t for r in sorted(by_round) for t in by_round[r])
 
 
 def _ring_buckets(members: list[Chunk], bucket_bytes: int) -> list[list]:
