@@ -11,6 +11,7 @@ went silent past the timeout makes every collective here raise a LoadError too (
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import os
@@ -96,6 +97,7 @@ def _joining(env: dict[str, str], timeout: float, fn: Callable[[], Any]) -> Any:
 
 # The control groups of the last load that ended well: (default group, timeout, pg, phase_pg).
 _KEPT: list[tuple] = []
+_KEPT_AT_EXIT: list[bool] = []  # release_kept is registered with atexit (once)
 
 
 def _control_groups(env: dict[str, str], timeout: float) -> tuple[Any, Any]:
@@ -137,11 +139,24 @@ def teardown_group(group: Group, ok: bool = False) -> None:
     this load or not: the loaded model may use it."""
     phase_pg = group.extra.pop("phase_pg", None)
     if ok and group.pg is not None and phase_pg is not None and dist.is_initialized():
-        while _KEPT:
-            _destroy(*_KEPT.pop()[2:])
+        release_kept()
+        if not _KEPT_AT_EXIT:
+            atexit.register(release_kept)
+            _KEPT_AT_EXIT.append(True)
         _KEPT.append((dist.group.WORLD, group.timeout, group.pg, phase_pg))
         return
     _destroy(phase_pg, group.pg)
+
+
+def release_kept() -> None:
+    """Destroy and free the control groups kept for a next load (not collective; registered to
+    run at exit): a gloo group still alive while the interpreter shuts down can abort the
+    process ("terminate called without an active exception")."""
+    if not _KEPT:
+        return
+    while _KEPT:
+        _destroy(*_KEPT.pop()[2:])
+    gc.collect()  # the last references go now, while the interpreter is whole
 
 
 def abort_phase(group: Group, error: BaseException | None = None) -> None:
