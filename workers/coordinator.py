@@ -97,7 +97,6 @@ def _joining(env: dict[str, str], timeout: float, fn: Callable[[], Any]) -> Any:
 
 # The control groups of the last load that ended well: (default group, timeout, pg, phase_pg).
 _KEPT: list[tuple] = []
-_KEPT_AT_EXIT: list[bool] = []  # release_kept is registered with atexit (once)
 
 
 def _control_groups(env: dict[str, str], timeout: float) -> tuple[Any, Any]:
@@ -140,18 +139,16 @@ def teardown_group(group: Group, ok: bool = False) -> None:
     phase_pg = group.extra.pop("phase_pg", None)
     if ok and group.pg is not None and phase_pg is not None and dist.is_initialized():
         release_kept()
-        if not _KEPT_AT_EXIT:
-            atexit.register(release_kept)
-            _KEPT_AT_EXIT.append(True)
         _KEPT.append((dist.group.WORLD, group.timeout, group.pg, phase_pg))
         return
     _destroy(phase_pg, group.pg)
 
 
+@atexit.register
 def release_kept() -> None:
-    """Destroy and free the control groups kept for a next load (not collective; registered to
-    run at exit): a gloo group still alive while the interpreter shuts down can abort the
-    process ("terminate called without an active exception")."""
+    """Destroy and free the control groups kept for a next load (not collective; also runs at
+    exit): a gloo group still alive while the interpreter shuts down can abort the process
+    ("terminate called without an active exception")."""
     if not _KEPT:
         return
     while _KEPT:

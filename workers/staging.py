@@ -161,12 +161,18 @@ def _segments(plan: LoadPlan, rank: int, size: int) -> list[tuple[str, int, int]
             continue
         for off in range(item.offset, item.offset + item.length, size):
             n = min(size, item.offset + item.length - off)
-            spans = firsts.get(item.file, ())
-            i = bisect_right(spans, (off + n,)) - 1
-            first = min((r for lo, hi, r in spans[max(0, i - 64):i + 1] if hi > off and lo < off + n),
+            first = min((r for _, _, r in _overlapping(firsts.get(item.file, []), off, off + n)),
                         default=float("inf"))
             out.append((first, len(out), item.file, off, n))
     return [(f, off, n) for _, _, f, off, n in sorted(out)]
+
+
+def _overlapping(spans: list[tuple], lo: int, hi: int) -> list[tuple]:
+    """The entries ``(start, end, ...)`` of ``spans`` (sorted by start, disjoint) that overlap
+    ``[lo, hi)``; only the 64 entries starting last before ``hi`` are looked at (spans are
+    chunks or read requests, a range overlaps a few of them)."""
+    i = bisect_right(spans, hi - 1, key=lambda x: x[0])
+    return [x for x in spans[max(0, i - 64):i] if x[1] > lo]
 
 
 class _Populate:
@@ -191,7 +197,7 @@ class _Populate:
             scratch = [torch.empty(POPULATE_BYTES, dtype=torch.uint8).numpy() for _ in range(4)]
             for k, (file, off, n) in enumerate(_segments(plan, rank, POPULATE_BYTES)):
                 dest = memoryview(scratch[k % len(scratch)])[:n]  # discarded: sharing is fine
-                self._add(file, off, n, pool.run(functools.partial(_read_count, pool.reader, file, off, dest)))
+                self._add(file, off, n, pool.run(functools.partial(pool.reader.read_into, file, off, dest)))
         for spans in self.spans.values():
             spans.sort(key=lambda x: x[0])
 
@@ -201,11 +207,8 @@ class _Populate:
         future.add_done_callback(lambda f: f.cancelled() or f.exception() or self.bar.update(n))
 
     def wait(self, file: str, offset: int, length: int) -> None:
-        spans = self.spans.get(file, ())
-        i = bisect_right(spans, offset + length, key=lambda x: x[0])
-        for lo, hi, future in spans[max(0, i - 64):i]:
-            if hi > offset and lo < offset + length:
-                future.result()
+        for _, _, future in _overlapping(self.spans.get(file, []), offset, offset + length):
+            future.result()
 
     def finish(self) -> None:
         for f in self.futures:
@@ -214,11 +217,6 @@ class _Populate:
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _read_count(reader: StorageReader, file: str, offset: int, dest: memoryview) -> int:
-    reader.read_into(file, offset, dest)
-    return len(dest)
 
 
 def populate_read(addr: int, length: int) -> int:
