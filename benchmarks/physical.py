@@ -88,7 +88,7 @@ def first_touch_gbps(nbytes: int = 512 << 20) -> float:
 
 
 def gloo_rank(args: dict) -> dict:
-    """One rank of the gloo bandwidth probe (run by :func:`launch.local.spawn` on 2 ranks)."""
+    """One rank of the gloo bandwidth probe (run by :func:`weightcast.launch.local.spawn` on 2 ranks)."""
     from datetime import timedelta
 
     import torch
@@ -110,7 +110,7 @@ def gloo_rank(args: dict) -> dict:
 
 
 def gloo_gbps(nbytes: int = 256 << 20) -> float | None:
-    from launch.local import spawn
+    from weightcast.launch.local import spawn
     try:
         results = spawn(2, "benchmarks.physical:gloo_rank", {"nbytes": nbytes}, timeout=300)
     except Exception:  # noqa: BLE001 - reported as not measured

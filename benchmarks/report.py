@@ -137,5 +137,5 @@ def plot_vs_n(rows: list[dict], checkpoint: str, path: str) -> None:
 
 def plot_timeline(report: dict, path: str) -> None:
     """The per-rank phase timeline of one weightcast load (its gathered report)."""
-    from workers.report import LoadReport, plot_timeline as draw
+    from weightcast.workers.report import LoadReport, plot_timeline as draw
     draw([LoadReport(**r) for r in report["ranks"]], path)

@@ -40,7 +40,7 @@ def predict(source: str, cluster: str, device_map: str, transport: str) -> dict:
 
 def _plan(where: list[str], source: str, device_map: str, transport: str, simulate: bool,
           timeout: float = 120.0) -> dict:
-    cmd = [sys.executable, "-m", "launch.cli", "plan", source, *where, "--device-map", device_map,
+    cmd = [sys.executable, "-m", "weightcast.launch.cli", "plan", source, *where, "--device-map", device_map,
            "--transport", transport, "--json", *(["--simulate"] if simulate else [])]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:

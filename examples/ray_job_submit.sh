@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 if [[ -x .venv/bin/ray ]]; then RAY=${RAY:-.venv/bin/ray}; else RAY=${RAY:-ray}; fi
 id="weightcast-$(date +%Y%m%d-%H%M%S)-$$"
 "$RAY" job submit --address="$RAY_ADDRESS" --submission-id "$id" --working-dir . -- \
-    python -m launch.ray_job "$ckpt" "$@"
+    python -m weightcast.launch.ray_job "$ckpt" "$@"
 status=$("$RAY" job status --address="$RAY_ADDRESS" "$id" 2>&1 || true)
 if [[ "$status" == *"Job '$id' succeeded"* ]]; then
     echo "job $id: SUCCEEDED"

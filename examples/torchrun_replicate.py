@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
     import torch.distributed as dist
-    from workers.api import load_pretrained
+    from weightcast.workers.api import load_pretrained
     model, report = load_pretrained(args.source, model="auto", device_map="replicate", return_report=True)
     rank, world = dist.get_rank(), dist.get_world_size()
     ids = rank_batch(args.source, rank)

@@ -19,7 +19,7 @@ import sys
 def sharded_logits(source: str, input_ids, timeout: float = 300.0):
     """Every rank (collective): load ``source`` tensor-parallel and return the logits."""
     import torch
-    from workers.api import load_pretrained
+    from weightcast.workers.api import load_pretrained
     model = load_pretrained(source, model="auto", device_map="tp", dtype="float32", timeout=timeout)
     with torch.no_grad():
         return model(input_ids=input_ids).logits

@@ -3,7 +3,7 @@
     python -m examples.two_nodes_local_storage demo_checkpoint --workdir /tmp/wc-two-nodes
 
 Each "node" (``WEIGHTCAST_NODE=n0`` / ``n1``, 2 ranks each, started by
-:func:`launch.local.spawn`) gets its own copy of the checkpoint in its own directory
+:func:`weightcast.launch.local.spawn`) gets its own copy of the checkpoint in its own directory
 (``WORKDIR/n0/checkpoint``, ``WORKDIR/n1/checkpoint``), as machines with local disks would. The
 source is given as ``WORKDIR/{node}/checkpoint``: every node resolves its own copy. The cluster
 YAML says ``storage: node-local``, so the plan has every byte a node needs read once on that
@@ -49,8 +49,8 @@ def write_cluster_yaml(path: str, nodes: tuple[str, ...] = NODES, ranks_per_node
 def rank_job(args: dict) -> dict:
     """On every rank (launch.local.spawn): load the node's copy, verify it against that copy,
     return this rank's part of the report."""
-    from launch.jobs import verify_owned
-    from workers.api import load_pretrained
+    from weightcast.launch.jobs import verify_owned
+    from weightcast.workers.api import load_pretrained
     node = os.environ["WEIGHTCAST_NODE"]
     tensors, report = load_pretrained(args["source"], model=None, cluster=args["cluster"], return_report=True,
                                       transport=args.get("transport", "auto"), timeout=args.get("timeout", 120))
@@ -69,7 +69,7 @@ def run(source: str, workdir: str, transport: str = "auto", timeout: float = 120
     """Copy (unless ``copy`` is False: the copies exist), write the YAML, start 2 x 2 ranks;
     return per-node read bytes and the rank results (``compare_with``: each rank also lists the
     tensors that differ from that directory's copy)."""
-    from launch.local import spawn
+    from weightcast.launch.local import spawn
     workdir = os.path.abspath(workdir)
     if copy:
         node_copies(source, workdir)

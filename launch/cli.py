@@ -10,17 +10,16 @@ import argparse
 import importlib
 import sys
 
-from orchestrator.errors import WeightcastError
+from weightcast.orchestrator.errors import WeightcastError
 
 COMMANDS = {  # sub-command -> the module that registers it
-    "inspect": "launch.cmd_inspect", "synth": "launch.cmd_inspect",
-    "plan": "launch.cmd_plan",
-    "load": "launch.cmd_load", "demo": "launch.cmd_load",
-    "save": "launch.cmd_save",
-    "launch": "launch.cmd_launch",
-    "cache": "launch.cmd_cache",
-    "bench": "launch.cmd_bench",
-    "emulate": "launch.cmd_emulate",
+    "inspect": "weightcast.launch.cmd_inspect", "synth": "weightcast.launch.cmd_inspect",
+    "plan": "weightcast.launch.cmd_plan",
+    "load": "weightcast.launch.cmd_load", "demo": "weightcast.launch.cmd_load",
+    "save": "weightcast.launch.cmd_save",
+    "launch": "weightcast.launch.cmd_launch",
+    "cache": "weightcast.launch.cmd_cache",
+    "bench": "weightcast.launch.cmd_harness", "emulate": "weightcast.launch.cmd_harness",
 }
 
 
@@ -44,6 +43,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["bench"], ["emulate"]):  # every option belongs to the harness
+        from weightcast.launch.cmd_harness import run
+        return run(argv[0], argv[1:])
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 
-from orchestrator import cache_doctor as doctor
+from weightcast.orchestrator import cache_doctor as doctor
 
 
 def default_cache_dir() -> str:

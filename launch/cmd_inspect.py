@@ -3,7 +3,7 @@
 ``inspect`` resolves a local path or HF repo id, validates every header and the index, and
 prints a summary (files, tensor count, total bytes, bytes per dtype, largest tensors, metadata)
 or, with ``--json``, one JSON object. ``synth`` writes a synthetic Llama-shaped checkpoint
-(sparse data unless ``--random``). Bad input raises a WeightcastError, which ``launch.cli``
+(sparse data unless ``--random``). Bad input raises a WeightcastError, which ``weightcast.launch.cli``
 prints on stderr without a traceback (exit status 2).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from orchestrator.checkpoint import CheckpointIndex
+from weightcast.orchestrator.checkpoint import CheckpointIndex
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -110,8 +110,8 @@ def _print_summary(summary: dict[str, Any], top: int, seconds: float) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from orchestrator.checkpoint import load_index
-    from orchestrator.source import resolve_source
+    from weightcast.orchestrator.checkpoint import load_index
+    from weightcast.orchestrator.source import resolve_source
     start = time.perf_counter()
     source = resolve_source(args.source, revision=args.revision, cache_dir=args.cache_dir,
                             local_files_only=True if args.local_files_only else None)
@@ -131,7 +131,7 @@ def _disk_usage(root: str) -> int:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from orchestrator.synth import write_synthetic
+    from weightcast.orchestrator.synth import write_synthetic
     index = write_synthetic(args.out, like=args.like, dtype=args.dtype,
                             max_shard_size=args.max_shard_size, random=args.random, seed=args.seed)
     print(f"wrote {args.like} ({args.dtype}) to {index.root}: {len(index.files)} files, "

@@ -5,9 +5,9 @@ One node: ``torchrun --standalone``. Several: torchrun's static rendezvous with 
 the first node (``--rdzv-endpoint HOST0:PORT``) and ``--node-rank`` per node, so ranks are
 numbered node by node exactly in the YAML's order, whatever order the nodes start in; each node
 gets ``--nproc-per-node`` from the YAML (heterogeneous nodes included) and ``WEIGHTCAST_NODE``
-set to its YAML name. Every rank runs ``python -m launch.torchrun SOURCE --cluster X.yaml
+set to its YAML name. Every rank runs ``python -m weightcast.launch.torchrun SOURCE --cluster X.yaml
 [load options]``, so the same YAML gives the load its storage locality and bandwidths (as it
-does for :func:`launch.ray.load_on_ray` and ``weightcast plan --cluster``).
+does for :func:`weightcast.launch.ray.load_on_ray` and ``weightcast plan --cluster``).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from orchestrator.errors import ConfigError
+from weightcast.orchestrator.errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,7 @@ class NodeCommand:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from launch.cmd_load import add_load_options
+    from weightcast.launch.cmd_load import add_load_options
     p = sub.add_parser("launch", help="print (or --run for this node) the torchrun command of every node "
                                       "of a cluster YAML")
     p.add_argument("source", help="checkpoint directory (same path on every node; {node} is replaced by the "
@@ -58,8 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def load_argv(ns: argparse.Namespace) -> list[str]:
     """The load options of ``ns`` that differ from their defaults, as command-line flags for
-    ``launch.torchrun`` (``--cluster`` excluded: the caller adds it)."""
-    from launch.cmd_load import add_load_options
+    ``weightcast.launch.torchrun`` (``--cluster`` excluded: the caller adds it)."""
+    from weightcast.launch.cmd_load import add_load_options
     parser = argparse.ArgumentParser(add_help=False)
     add_load_options(parser)
     out: list[str] = []
@@ -75,14 +75,14 @@ def load_argv(ns: argparse.Namespace) -> list[str]:
 def node_commands(cluster_path: str, source: str, options: list[str], hosts: list[str] | None = None,
                   port: int = 29500) -> list[NodeCommand]:
     """One :class:`NodeCommand` per node of the cluster YAML, in its order (pure: reads the YAML)."""
-    from orchestrator.cluster import load_cluster
+    from weightcast.orchestrator.cluster import load_cluster
     spec = load_cluster(cluster_path)
     nodes = list(spec.nodes)
     hosts = hosts or nodes
     if len(hosts) != len(nodes):
         raise ConfigError("--hosts needs one address per node", where=f"cluster {spec.name!r}",
                           expected=f"{len(nodes)} addresses ({', '.join(nodes)})", got=f"{len(hosts)}: {hosts}")
-    worker = ["-m", "launch.torchrun", source, "--cluster", cluster_path, *options]
+    worker = ["-m", "weightcast.launch.torchrun", source, "--cluster", cluster_path, *options]
     out = []
     for i, node in enumerate(nodes):
         ranks = spec.ranks_on(node)

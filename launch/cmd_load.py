@@ -7,11 +7,11 @@ import json
 import os
 import tempfile
 
-from orchestrator.errors import LoadError
+from weightcast.orchestrator.errors import LoadError
 
 
 def add_load_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``load``, ``launch.torchrun`` and ``launch.ray_job``."""
+    """Options shared by ``load``, ``weightcast.launch.torchrun`` and ``weightcast.launch.ray_job``."""
     p.add_argument("--device-map", default="replicate", help="replicate | auto | tp | FILE.json")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     p.add_argument("--tp-size", type=int, default=None)
@@ -53,9 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_load(args: argparse.Namespace) -> int:
-    from launch.local import spawn
-    from workers.report import LoadReport, format_table, plot_timeline
-    results = spawn(args.nproc, "launch.jobs:load_job", job_args(args), timeout=args.timeout + 120)
+    from weightcast.launch.local import spawn
+    from weightcast.workers.report import LoadReport, format_table, plot_timeline
+    results = spawn(args.nproc, "weightcast.launch.jobs:load_job", job_args(args), timeout=args.timeout + 120)
     rank0 = results[0].value
     report = rank0["report"]
     reports = [LoadReport(**r) for r in report["ranks"]]
@@ -78,8 +78,8 @@ def run_load(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from launch.cmd_plan import run_plan
-    from orchestrator.synth import write_synthetic
+    from weightcast.launch.cmd_plan import run_plan
+    from weightcast.orchestrator.synth import write_synthetic
     if not os.path.exists(os.path.join(args.dir, "config.json")):
         write_synthetic(args.dir, like="tiny", random=True, max_shard_size="200KB")
         print(f"wrote a tiny random Llama-style checkpoint to {args.dir}/")
@@ -96,7 +96,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _plan_args(args: argparse.Namespace, device_map: str) -> dict:
-    from launch.cmd_plan import plan_defaults
+    from weightcast.launch.cmd_plan import plan_defaults
     out = plan_defaults()
     out.update(source=args.dir, nodes=1, gpus_per_node=None, cpus_per_node=args.nproc, device_map=device_map)
     return out

@@ -6,7 +6,7 @@ The cluster comes from ``--cluster FILE.yaml`` or ``--nodes N --gpus-per-node G`
 a per-rank table (node, device, bytes read, received, owned, tensors owned) and totals: storage
 bytes read vs checkpoint bytes vs naive (every rank reads everything), or with ``--json`` one
 object. ``--simulate`` adds the cost model's prediction next to its lower bound. Bad input
-raises a WeightcastError, printed by ``launch.cli`` without a traceback (exit status 2).
+raises a WeightcastError, printed by ``weightcast.launch.cli`` without a traceback (exit status 2).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from orchestrator.errors import ConfigError
+from weightcast.orchestrator.errors import ConfigError
 
 MAX_TABLE_ROWS = 64
 
@@ -66,7 +66,7 @@ def build_cluster(args: argparse.Namespace) -> Any:
     """The ClusterSpec the options describe."""
     from dataclasses import replace
 
-    from orchestrator.cluster import cluster_from_flags, load_cluster
+    from weightcast.orchestrator.cluster import cluster_from_flags, load_cluster
     gpus, cpus = getattr(args, "gpus_per_node", None), getattr(args, "cpus_per_node", None)
     if args.cluster:
         if gpus or cpus:
@@ -109,11 +109,11 @@ def _transport(arg: str, cluster: Any) -> str:
 
 def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     """Resolve, index, place and plan; returns the pieces and the planning time."""
-    from orchestrator.checkpoint import load_index
-    from orchestrator.cluster import parse_bytes
-    from orchestrator.device_map import build_device_map
-    from orchestrator.planner import PlanOptions, plan_load
-    from orchestrator.source import resolve_source
+    from weightcast.orchestrator.checkpoint import load_index
+    from weightcast.orchestrator.cluster import parse_bytes
+    from weightcast.orchestrator.device_map import build_device_map
+    from weightcast.orchestrator.planner import PlanOptions, plan_load
+    from weightcast.orchestrator.source import resolve_source
     source = resolve_source(args.source, revision=args.revision, cache_dir=args.cache_dir,
                             local_files_only=True if args.local_files_only else None)
     index = load_index(source.root, cache_root=source.cache_root)
@@ -135,7 +135,7 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
 
 def summary(made: dict[str, Any], simulate: bool) -> dict[str, Any]:
     """The ``--json`` object."""
-    from orchestrator.planner import (owned_table, plan_to_json, rank_owned_bytes,
+    from weightcast.orchestrator.planner import (owned_table, plan_to_json, rank_owned_bytes,
                                       rank_read_bytes, rank_recv_bytes)
     index, cluster, plan = made["index"], made["cluster"], made["plan"]
     lengths = {t.name: t.length for t in index.tensors}
@@ -160,7 +160,7 @@ def summary(made: dict[str, Any], simulate: bool) -> dict[str, Any]:
         "plan_seconds": round(made["plan_seconds"], 4),
         "plan_json_bytes": len(plan_to_json(plan)), "ranks": ranks}
     if simulate:
-        from orchestrator.cost import predict
+        from weightcast.orchestrator.cost import predict
         p = predict(plan, cluster)
         out.update(predicted_seconds=p.total_seconds, lower_bound_seconds=p.lower_bound_seconds,
                    bound_by=p.bound_by, phases=dict(p.phases))
@@ -172,10 +172,10 @@ def summary(made: dict[str, Any], simulate: bool) -> dict[str, Any]:
 def run_plan(args: argparse.Namespace) -> int:
     made = make_plan(args)
     if getattr(args, "save_device_map", None):
-        from orchestrator.device_map import device_map_to_json
+        from weightcast.orchestrator.device_map import device_map_to_json
         _write(args.save_device_map, device_map_to_json(made["device_map"]).encode())
     if getattr(args, "save_plan", None):
-        from orchestrator.planner import plan_to_json
+        from weightcast.orchestrator.planner import plan_to_json
         _write(args.save_plan, plan_to_json(made["plan"]))
     out = summary(made, args.simulate)
     if args.json:
@@ -198,7 +198,7 @@ def _write(path: str, data: bytes) -> None:
 
 
 def print_summary(s: dict[str, Any]) -> None:
-    from launch.cmd_inspect import human_bytes as hb
+    from weightcast.launch.cmd_inspect import human_bytes as hb
     out = sys.stdout.write
     out(f"checkpoint: {s['source']}\n")
     out(f"cluster: {s['cluster']}: {s['world_size']} ranks on {s['nodes']} node(s), "

@@ -2,7 +2,7 @@
 back with ``save_pretrained``: re-sharded (``--max-shard-size``), optionally cast (``--dtype``),
 written by every rank in parallel and swapped into OUT atomically (OUT may be SOURCE).
 
-:func:`save_job` is the rank function :func:`launch.local.spawn` runs on each rank.
+:func:`save_job` is the rank function :func:`weightcast.launch.local.spawn` runs on each rank.
 """
 from __future__ import annotations
 
@@ -29,13 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_save(args: argparse.Namespace) -> int:
-    from launch.local import spawn
-    from orchestrator.save_plan import parse_shard_size
+    from weightcast.launch.local import spawn
+    from weightcast.orchestrator.save_plan import parse_shard_size
     parse_shard_size(args.max_shard_size)  # a bad size fails here, before any rank starts
     job = {"source": args.source, "out": args.out, "max_shard_size": args.max_shard_size, "dtype": args.dtype,
            "device_map": args.device_map, "tp_size": args.tp_size, "revision": args.revision,
            "cache_dir": args.cache_dir, "allow_pickle": bool(args.allow_pickle), "timeout": args.timeout}
-    results = spawn(args.nproc, "launch.cmd_save:save_job", job, timeout=2 * args.timeout + 120)
+    results = spawn(args.nproc, "weightcast.launch.cmd_save:save_job", job, timeout=2 * args.timeout + 120)
     r0 = results[0].value
     load_s = max(r.value["load_seconds"] for r in results)
     save_s = max(r.value["save_seconds"] for r in results)
@@ -46,8 +46,8 @@ def run_save(args: argparse.Namespace) -> int:
 
 def save_job(args: dict) -> dict:
     """One rank: load what this rank holds, then save collectively; rank 0 adds a summary."""
-    from workers.api import load_pretrained
-    from workers.save import save_pretrained
+    from weightcast.workers.api import load_pretrained
+    from weightcast.workers.save import save_pretrained
     rank = int(os.environ.get("RANK", 0))
     t0 = time.perf_counter()
     tensors = load_pretrained(args["source"], model=None, dtype=args.get("dtype") or "auto",
@@ -68,8 +68,8 @@ def _source_facts(args: dict) -> tuple[dict | None, list[str] | None]:
     """Rank 0: the source's config (dtype updated when cast) and the save order: the names in
     transformers' re-save order (``from_pretrained`` then ``save_pretrained`` sorts them
     naturally), so the files match what transformers writes for the same ``max_shard_size``."""
-    from orchestrator.save_plan import natural_key
-    from orchestrator.source import resolve_source
+    from weightcast.orchestrator.save_plan import natural_key
+    from weightcast.orchestrator.source import resolve_source
     src = resolve_source(args["source"], revision=args.get("revision"), cache_dir=args.get("cache_dir"),
                          local_files_only=True, allow_pickle=bool(args.get("allow_pickle")))
     config = dict(src.config) if src.config else None
@@ -79,13 +79,13 @@ def _source_facts(args: dict) -> tuple[dict | None, list[str] | None]:
         config["dtype"] = str(dtype).removeprefix("torch.")
     if src.kind != "safetensors":
         return config, None
-    from orchestrator.checkpoint import load_index
+    from weightcast.orchestrator.checkpoint import load_index
     names = load_index(src.root, cache_root=src.cache_root).names
     return config, sorted(names, key=natural_key)
 
 
 def _summary(out: str) -> dict:
-    from orchestrator.checkpoint import load_index
+    from weightcast.orchestrator.checkpoint import load_index
     index = load_index(os.path.realpath(out))
     return {"out": index.root, "files": [f.name for f in index.files], "total_size": index.total_bytes,
             "tensors": len(index.tensors)}

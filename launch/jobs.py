@@ -1,4 +1,4 @@
-"""Rank functions for :mod:`launch.local` and ``launch.torchrun``: load, verify, report.
+"""Rank functions for :mod:`weightcast.launch.local` and ``weightcast.launch.torchrun``: load, verify, report.
 
 Each takes a JSON-able dict of options and returns a JSON-able dict (rank 0's includes the
 gathered report).
@@ -34,7 +34,7 @@ def verify_owned(source_root: str, tensors: dict) -> list[str]:
     """Names whose bytes differ from ``safetensors`` reading the same tensor (or slice)."""
     import torch
     from safetensors import safe_open
-    from orchestrator.checkpoint import load_index
+    from weightcast.orchestrator.checkpoint import load_index
     index = load_index(source_root)
     by_file: dict[str, list[str]] = {}
     for name in tensors:
@@ -57,7 +57,7 @@ def verify_owned(source_root: str, tensors: dict) -> list[str]:
 
 def load_job(args: dict) -> dict:
     """Load ``args["source"]`` on this rank; optionally verify bit for bit; return the report."""
-    from workers.api import load_pretrained
+    from weightcast.workers.api import load_pretrained
     t0 = time.perf_counter()
     result, report = load_pretrained(args["source"], return_report=True, **load_options(args))
     out = {"rank": int(os.environ.get("RANK", 0)), "seconds": time.perf_counter() - t0}

@@ -1,6 +1,6 @@
 """Spawn N local ranks with the torchrun environment (tests, the demo, one machine).
 
-:func:`spawn` starts ``python -m launch.local RANK_FN ARGS_JSON`` once per rank with MASTER_ADDR,
+:func:`spawn` starts ``python -m weightcast.launch.local RANK_FN ARGS_JSON`` once per rank with MASTER_ADDR,
 MASTER_PORT, RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE set (and WEIGHTCAST_NODE when node
 names are given, to emulate several nodes on one machine). Each rank calls
 ``module:function(args)`` and writes its JSON-able return value to a result file. The parent
@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from orchestrator.errors import LoadError
+from weightcast.orchestrator.errors import LoadError
 
 
 def free_port() -> int:
@@ -62,7 +62,7 @@ def spawn(nproc: int, fn: str, args: dict, *, timeout: float = 600.0, nodes: lis
     for rank in range(nproc):
         out = os.path.join(tmp, f"rank{rank}.json")
         err = open(os.path.join(tmp, f"rank{rank}.err"), "w+")
-        cmd = [sys.executable, "-m", "launch.local", fn, json.dumps(args), out]
+        cmd = [sys.executable, "-m", "weightcast.launch.local", fn, json.dumps(args), out]
         procs.append(subprocess.Popen(cmd, env=rank_env(rank, nproc, port, nodes, env), stderr=err,
                                       start_new_session=True))
         errs.append(err)
@@ -104,7 +104,7 @@ def _wait(procs: list[subprocess.Popen], timeout: float) -> None:
 
 
 def _main(argv: list[str]) -> int:
-    from orchestrator.errors import WeightcastError
+    from weightcast.orchestrator.errors import WeightcastError
     fn, args, out = argv[0], json.loads(argv[1]), argv[2]
     module, name = fn.split(":")
     status = 0

@@ -1,7 +1,7 @@
 """Ray: a placement group (one bundle per rank), one actor per rank, each holding its part of the model.
 
 :func:`load_on_ray` is called once, by the Ray driver (a script, a notebook or a ``ray job``); it
-returns a :class:`RankGroup` whose actors each called :func:`workers.api.load_pretrained` and keep
+returns a :class:`RankGroup` whose actors each called :func:`weightcast.workers.api.load_pretrained` and keep
 the result. The launcher only produces the torchrun environment on each actor (MASTER_ADDR /
 MASTER_PORT from rank 0's node and a free port chosen there, RANK, LOCAL_RANK, WORLD_SIZE,
 LOCAL_WORLD_SIZE, WEIGHTCAST_NODE): the workers never know Ray started them.
@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from orchestrator.errors import ConfigError, LoadError, WeightcastError
+from weightcast.orchestrator.errors import ConfigError, LoadError, WeightcastError
 
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
@@ -48,7 +48,7 @@ class RankActor:
 
     def load(self, env: dict[str, str], source: str, options: dict) -> dict:
         os.environ.update(env)
-        from workers.api import load_pretrained
+        from weightcast.workers.api import load_pretrained
         t0 = time.perf_counter()
         self.model, self.report = load_pretrained(source, return_report=True, **options)
         return {"rank": int(env["RANK"]), "seconds": time.perf_counter() - t0, "report": self.report}
@@ -151,7 +151,7 @@ def load_on_ray(source: str, *, num_nodes: int = 1, gpus_per_node: int = 0, cpus
 def _spec(cluster: Any):
     if cluster is None:
         return None
-    from orchestrator.cluster import ClusterSpec, load_cluster
+    from weightcast.orchestrator.cluster import ClusterSpec, load_cluster
     return cluster if isinstance(cluster, ClusterSpec) else load_cluster(os.fspath(cluster))
 
 

@@ -1,12 +1,12 @@
-"""Entry point of a Ray job: ``python -m launch.ray_job SOURCE [load options] [Ray options]``.
+"""Entry point of a Ray job: ``python -m weightcast.launch.ray_job SOURCE [load options] [Ray options]``.
 
 Submitted from the repository root (the job's working directory, so ``-m`` finds the package)::
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
-        python -m launch.ray_job /abs/path/to/checkpoint --ranks-per-node 2 --verify
+        python -m weightcast.launch.ray_job /abs/path/to/checkpoint --ranks-per-node 2 --verify
 
 The job's driver connects to the cluster (``ray.init()`` reads ``RAY_ADDRESS``, which ``ray job``
-sets), calls :func:`launch.ray.load_on_ray`, prints the gathered report, optionally verifies
+sets), calls :func:`weightcast.launch.ray.load_on_ray`, prints the gathered report, optionally verifies
 every rank's tensors against safetensors and calls ``--then MODULE:FUNCTION`` with
 ``(model, report)`` on every rank, then shuts the ranks down. Exit status: 0, 1 when
 verification finds differing tensors, 2 on a load error.
@@ -20,12 +20,12 @@ import sys
 import time
 from typing import Any
 
-from orchestrator.errors import WeightcastError
+from weightcast.orchestrator.errors import WeightcastError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from launch.cmd_load import add_load_options
-    p = argparse.ArgumentParser(prog="python -m launch.ray_job",
+    from weightcast.launch.cmd_load import add_load_options
+    p = argparse.ArgumentParser(prog="python -m weightcast.launch.ray_job",
                                 description="Load a checkpoint on Ray rank actors and print the report.")
     p.add_argument("source", help="checkpoint directory (visible from every node), .safetensors file or repo id")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, as set by `ray job`)")
@@ -43,23 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def verify_rank(model: Any, args: dict) -> dict:
     """On a rank actor: bit-for-bit comparison of what the rank owns with safetensors."""
-    from launch.torchrun import verify
+    from weightcast.launch.torchrun import verify
     return verify(args, model)
 
 
 def then_rank(model: Any, spec: str, report: dict) -> Any:
     """On a rank actor: import ``MODULE:FUNCTION`` there and call it with ``(model, report)``."""
-    from launch.torchrun import resolve_callable
+    from weightcast.launch.torchrun import resolve_callable
     return resolve_callable(spec)(model, report)
 
 
 def run(ns: argparse.Namespace) -> int:
     """The driver: connect, load on the ranks, report, verify, call --then, shut down."""
     import ray
-    from launch.cmd_load import job_args
-    from launch.jobs import load_options
-    from launch.ray import load_on_ray
-    from workers.report import LoadReport, format_table
+    from weightcast.launch.cmd_load import job_args
+    from weightcast.launch.jobs import load_options
+    from weightcast.launch.ray import load_on_ray
+    from weightcast.workers.report import LoadReport, format_table
     args = job_args(ns)
     if os.path.exists(args["source"]):
         args["source"] = os.path.abspath(args["source"])  # the actors' working directory may differ
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(ns)
     except WeightcastError as exc:
-        print(f"launch.ray_job: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"weightcast.launch.ray_job: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
 
 

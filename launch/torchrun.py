@@ -1,7 +1,7 @@
-"""``torchrun ... -m launch.torchrun SOURCE [load options] [--report FILE] [--then MODULE:FUNCTION]``.
+"""``torchrun ... -m weightcast.launch.torchrun SOURCE [load options] [--report FILE] [--then MODULE:FUNCTION]``.
 
 Every rank started by torchrun runs :func:`main`: it loads ``SOURCE`` with
-:func:`workers.api.load_pretrained` (the process group comes from the torchrun environment;
+:func:`weightcast.workers.api.load_pretrained` (the process group comes from the torchrun environment;
 node identity from ``WEIGHTCAST_NODE`` or the host name, gathered over the group), rank 0
 prints the gathered report (and writes it with ``--report``), ``--verify`` compares every owned
 tensor with ``safetensors`` bit for bit on every rank, and ``--then MODULE:FUNCTION`` calls the
@@ -21,12 +21,12 @@ import sys
 import time
 from typing import Any, Callable
 
-from orchestrator.errors import ConfigError, WeightcastError
+from weightcast.orchestrator.errors import ConfigError, WeightcastError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from launch.cmd_load import add_load_options
-    p = argparse.ArgumentParser(prog="python -m launch.torchrun",
+    from weightcast.launch.cmd_load import add_load_options
+    p = argparse.ArgumentParser(prog="python -m weightcast.launch.torchrun",
                                 description="Load a checkpoint on every rank of a torchrun job.")
     p.add_argument("source", help="checkpoint directory, .safetensors file or hub repo id")
     p.add_argument("--report", default=None, help="rank 0 writes the gathered report JSON here")
@@ -62,7 +62,7 @@ def owned_state(result: Any) -> dict:
 def local_state(module: Any) -> dict:
     """``module.state_dict()`` with DTensors replaced by this rank's local shard; the returned
     dict carries ``slices`` (``name -> (dim, start, stop)``) for sharded entries."""
-    from workers.execute import OwnedTensors
+    from weightcast.workers.execute import OwnedTensors
     tensors, slices = {}, {}
     for name, t in module.state_dict().items():
         if t.is_meta:
@@ -78,7 +78,7 @@ def local_state(module: Any) -> dict:
 
 def _dtensor_slice(t: Any) -> tuple[int, int, int] | None:
     from torch.distributed.tensor import Shard
-    from orchestrator.device_map import shard_bounds
+    from weightcast.orchestrator.device_map import shard_bounds
     for mesh_dim, placement in enumerate(t.placements):
         if isinstance(placement, Shard):
             size = t.device_mesh.size(mesh_dim)
@@ -90,8 +90,8 @@ def _dtensor_slice(t: Any) -> tuple[int, int, int] | None:
 
 def verify(args: dict, result: Any) -> dict:
     """Every rank: bit-for-bit comparison of what it owns with safetensors (not collective)."""
-    from launch.jobs import verify_owned
-    from orchestrator.checkpoint import load_index
+    from weightcast.launch.jobs import verify_owned
+    from weightcast.orchestrator.checkpoint import load_index
     root = (args.get("verify_root") or args["source"]).replace("{node}", node_name())
     tensors = owned_state(result)
     names = set(load_index(root).names)
@@ -124,7 +124,7 @@ def gather(value: dict) -> list[dict]:
 
 def print_report(report: dict, started: float, out=sys.stdout) -> None:
     """Rank 0: the per-rank table and the totals."""
-    from workers.report import LoadReport, format_table
+    from weightcast.workers.report import LoadReport, format_table
     print(format_table([LoadReport(**r) for r in report["ranks"]]), file=out)
     print(f"storage bytes read: {report['total_read_bytes']:,} (checkpoint {report['checkpoint_bytes']:,}); "
           f"load {report['wall_seconds']:.3f} s; since process start {time.time() - started:.3f} s", file=out)
@@ -133,8 +133,8 @@ def print_report(report: dict, started: float, out=sys.stdout) -> None:
 
 def run(args: dict, then: str | None = None, report_path: str | None = None, quiet: bool = False) -> int:
     """Every rank: load, report (rank 0), verify, call ``then``. Returns the exit status."""
-    from launch.jobs import load_options
-    from workers.api import load_pretrained
+    from weightcast.launch.jobs import load_options
+    from weightcast.workers.api import load_pretrained
     started = _process_start()
     fn = resolve_callable(then) if then else None  # fail before the collective load
     result, report = load_pretrained(args["source"], return_report=True, **load_options(args))
@@ -181,7 +181,7 @@ def _shutdown() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from launch.cmd_load import job_args
+    from weightcast.launch.cmd_load import job_args
     ns = build_parser().parse_args(argv)
     try:
         return run(job_args(ns), ns.then, ns.report, ns.quiet)

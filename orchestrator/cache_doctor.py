@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from orchestrator.errors import CacheError, CheckpointNotFoundError
+from weightcast.orchestrator.errors import CacheError, CheckpointNotFoundError
 
 OK = "ok"
 DANGLING_LINK = "dangling-link"
@@ -344,9 +344,9 @@ def repair_cache(source: str, *, cache_dir: str | None = None, revision: str | N
     for a link to it), links and text files whose blob is present are relinked, whitespace is
     stripped from refs, modes opened with ``chmod``. Never loses content; idempotent. Lines
     starting with ``cannot repair offline`` name what must be fetched again, with the command.
-    Any single process; no network. Implemented in :mod:`orchestrator.cache_repair`.
+    Any single process; no network. Implemented in :mod:`weightcast.orchestrator.cache_repair`.
     """
-    from orchestrator.cache_repair import repair
+    from weightcast.orchestrator.cache_repair import repair
     return repair(verify_cache(source, cache_dir=cache_dir, revision=revision), chmod=chmod, dry_run=dry_run)
 
 

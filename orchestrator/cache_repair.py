@@ -1,6 +1,6 @@
-"""Offline repair of a Hugging Face cache, from what :func:`orchestrator.cache_doctor.verify_cache` found.
+"""Offline repair of a Hugging Face cache, from what :func:`weightcast.orchestrator.cache_doctor.verify_cache` found.
 
-Called only through :func:`orchestrator.cache_doctor.repair_cache` (``weightcast cache repair``).
+Called only through :func:`weightcast.orchestrator.cache_doctor.repair_cache` (``weightcast cache repair``).
 Every change keeps the content: a plain copy is hard-linked into ``blobs/`` before a link is
 swapped in for it with one atomic rename; refs are rewritten through a temporary file and a rename.
 """
@@ -12,7 +12,7 @@ import os
 import shlex
 import shutil
 
-from orchestrator.cache_doctor import (
+from weightcast.orchestrator.cache_doctor import (
     ABSOLUTE_LINK, CANNOT, COMMIT_RE, DANGLING_LINK, HASH_MISMATCH, LFS_POINTER, PLAIN_COPY,
     REF_NO_SNAPSHOT, REF_NOT_COMMIT, REF_WHITESPACE, TEXT_LINK, UNREADABLE, UNREADABLE_BY_OTHERS,
     CacheReport, FileStatus, ModeCheck, RefStatus, digest, walk_snapshot)
@@ -176,7 +176,7 @@ def _advice(report: CacheReport, refetch: list[str], chmod: bool) -> list[str]:
 
 
 def repair(report: CacheReport, *, chmod: bool = False, dry_run: bool = False) -> list[str]:
-    """Repair what ``report`` found (see :func:`orchestrator.cache_doctor.repair_cache`)."""
+    """Repair what ``report`` found (see :func:`weightcast.orchestrator.cache_doctor.repair_cache`)."""
     actions = [a for r in report.refs for a in _repair_ref(report, r, dry_run)]
     if chmod:
         actions += _repair_modes(report, dry_run)

@@ -2,7 +2,7 @@
 
 Built by :func:`load_index` from a local directory, a single ``.safetensors`` file or an HF cache
 snapshot. Only metadata is read (the 8-byte length and the JSON header of each shard, the index
-JSON); every field is validated by :mod:`orchestrator.safetensors_format`.
+JSON); every field is validated by :mod:`weightcast.orchestrator.safetensors_format`.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
-from orchestrator.errors import (CheckpointFormatError, CheckpointNotFoundError,
+from weightcast.orchestrator.errors import (CheckpointFormatError, CheckpointNotFoundError,
                                  PickleRefusedError, UnsafePathError)
-from orchestrator.safetensors_format import (MAX_INDEX_BYTES, HeaderTensor, open_regular, pread_exact,
+from weightcast.orchestrator.safetensors_format import (MAX_INDEX_BYTES, HeaderTensor, open_regular, pread_exact,
                                              read_header_stat, validate_index_json)
 
 
@@ -111,7 +111,7 @@ def locate_safetensors(directory: str) -> tuple[str, str] | None:
 
     Order (as transformers): ``model.safetensors``, ``model.safetensors.index.json``, the one
     ``*.safetensors.index.json``, the one ``*.safetensors``. Several candidates without an index
-    raise CheckpointFormatError. Called by :func:`load_index` and ``orchestrator.source``.
+    raise CheckpointFormatError. Called by :func:`load_index` and ``weightcast.orchestrator.source``.
     """
     try:
         names = sorted(os.listdir(directory))
@@ -305,5 +305,5 @@ def load_index(path: str | os.PathLike, *, cache_root: str | None = None) -> Che
 
 
 def _check_cache_file(root: str, names: list[str]) -> None:
-    from orchestrator.cache_doctor import check_snapshot_files
+    from weightcast.orchestrator.cache_doctor import check_snapshot_files
     check_snapshot_files(root, names)

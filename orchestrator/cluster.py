@@ -37,7 +37,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
-from orchestrator.errors import ConfigError
+from weightcast.orchestrator.errors import ConfigError
 
 GB = 1_000_000_000
 

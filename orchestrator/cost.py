@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
-from orchestrator.cluster import GB, ClusterSpec
-from orchestrator.planner import (LoadPlan, TransferItem, owned_bytes, owned_table, slice_bytes,
+from weightcast.orchestrator.cluster import GB, ClusterSpec
+from weightcast.orchestrator.planner import (LoadPlan, TransferItem, owned_bytes, owned_table, slice_bytes,
                                   tensor_lengths)
 
 Link = tuple[str, object]  # ("rank-out" | "rank-in" | "node-out" | "node-in" | "touch", rank/node)

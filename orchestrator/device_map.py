@@ -9,8 +9,8 @@
 :func:`build_device_map` is called by the coordinator (rank 0) and the ``plan`` CLI, never
 collectively; the map then travels to every rank as JSON (:func:`device_map_to_json`), where
 :func:`hf_device_map` gives each rank its transformers-style ``device_map``. Strategies:
-``replicate``, ``auto`` / ``balanced`` / ``sequential`` (:mod:`orchestrator.device_map_auto`),
-``tp`` (:mod:`orchestrator.device_map_tp`), an explicit ``{module prefix: placement}`` dict, a
+``replicate``, ``auto`` / ``balanced`` / ``sequential`` (:mod:`weightcast.orchestrator.device_map_auto`),
+``tp`` (:mod:`weightcast.orchestrator.device_map_tp`), an explicit ``{module prefix: placement}`` dict, a
 JSON file, or an existing :class:`ClusterDeviceMap`.
 """
 from __future__ import annotations
@@ -21,11 +21,11 @@ import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
-from orchestrator.errors import DeviceMapError
+from weightcast.orchestrator.errors import DeviceMapError
 
 if TYPE_CHECKING:
-    from orchestrator.checkpoint import CheckpointIndex
-    from orchestrator.cluster import ClusterSpec
+    from weightcast.orchestrator.checkpoint import CheckpointIndex
+    from weightcast.orchestrator.cluster import ClusterSpec
 
 STRATEGIES = ("replicate", "auto", "balanced", "sequential", "tp")
 JSON_FORMAT = "weightcast.device_map"
@@ -107,7 +107,7 @@ def build_device_map(index: "CheckpointIndex", cluster: "ClusterSpec",
     ``strategy`` is a path). Raises :class:`DeviceMapError` for an unknown strategy, options that
     do not apply to it, a map that misses tensors or names ranks outside the cluster.
     """
-    from orchestrator import device_map_auto, device_map_explicit, device_map_tp
+    from weightcast.orchestrator import device_map_auto, device_map_explicit, device_map_tp
 
     _check_options(strategy, max_memory=max_memory, tp_size=tp_size, tp_plan=tp_plan,
                    no_split=no_split_module_classes or no_split_prefixes)
@@ -161,7 +161,7 @@ def _from_file(index: "CheckpointIndex", cluster: "ClusterSpec", path: Any,
     if not isinstance(data, dict):
         raise DeviceMapError("A device map file holds a JSON object", where=where,
                              got=type(data).__name__)
-    from orchestrator.device_map_explicit import explicit_map
+    from weightcast.orchestrator.device_map_explicit import explicit_map
     return explicit_map(index, cluster, data, tied=tied)
 
 

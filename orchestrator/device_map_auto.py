@@ -1,7 +1,7 @@
 """``auto`` / ``balanced`` / ``sequential`` device maps: accelerate's ``infer_auto_device_map``
 generalised from the devices of one machine to every device of the cluster, from names alone.
 
-Called by :func:`orchestrator.device_map.build_device_map` on the coordinator or in the CLI.
+Called by :func:`weightcast.orchestrator.device_map.build_device_map` on the coordinator or in the CLI.
 
 How a map is made:
 
@@ -26,12 +26,12 @@ import fnmatch
 import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from orchestrator.device_map import ClusterDeviceMap, Place
-from orchestrator.errors import DeviceMapError
+from weightcast.orchestrator.device_map import ClusterDeviceMap, Place
+from weightcast.orchestrator.errors import DeviceMapError
 
 if TYPE_CHECKING:
-    from orchestrator.checkpoint import CheckpointIndex
-    from orchestrator.cluster import ClusterSpec
+    from weightcast.orchestrator.checkpoint import CheckpointIndex
+    from weightcast.orchestrator.cluster import ClusterSpec
 
 MEMORY_FRACTION = 0.9
 EMBED_SUFFIXES = ("embed_tokens.weight", "tok_embeddings.weight", "word_embeddings.weight",
@@ -117,7 +117,7 @@ def memory_caps(cluster: "ClusterSpec", max_memory: Mapping[Any, Any] | None
                 ) -> tuple[list[int], int]:
     """Per-rank budgets and the spill budget of the last rank's host, from ``max_memory``
     (``{rank: bytes or "40GB", "cpu": ...}``; rank keys may be strings of digits)."""
-    from orchestrator.cluster import parse_bytes
+    from weightcast.orchestrator.cluster import parse_bytes
 
     caps = [int(r.device_memory * MEMORY_FRACTION) for r in cluster.ranks]
     last = cluster.ranks[-1]

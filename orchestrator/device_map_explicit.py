@@ -1,6 +1,6 @@
 """Explicit device maps: ``{module prefix: rank | "rank:device" | "cpu" | "disk"}``.
 
-Called by :func:`orchestrator.device_map.build_device_map` (coordinator or CLI) when the strategy
+Called by :func:`weightcast.orchestrator.device_map.build_device_map` (coordinator or CLI) when the strategy
 is a mapping or a JSON file holding one.
 """
 from __future__ import annotations
@@ -8,12 +8,12 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from orchestrator.device_map import ClusterDeviceMap, Place, Placement, _names
-from orchestrator.errors import DeviceMapError
+from weightcast.orchestrator.device_map import ClusterDeviceMap, Place, Placement, _names
+from weightcast.orchestrator.errors import DeviceMapError
 
 if TYPE_CHECKING:
-    from orchestrator.checkpoint import CheckpointIndex
-    from orchestrator.cluster import ClusterSpec
+    from weightcast.orchestrator.checkpoint import CheckpointIndex
+    from weightcast.orchestrator.cluster import ClusterSpec
 
 _PLACE_RE = re.compile(r"(0|[1-9][0-9]*):(cpu|disk|cuda:(?:0|[1-9][0-9]*))")
 

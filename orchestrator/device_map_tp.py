@@ -1,6 +1,6 @@
 """``tp`` device maps: tensor parallelism inside a node, replicas across nodes.
 
-Called by :func:`orchestrator.device_map.build_device_map` on the coordinator or in the CLI.
+Called by :func:`weightcast.orchestrator.device_map.build_device_map` on the coordinator or in the CLI.
 
 A tp plan maps name patterns to styles, as transformers' ``base_model_tp_plan`` does
 (``"layers.*.self_attn.q_proj": "colwise"``). A pattern matches a tensor when it matches its
@@ -19,7 +19,7 @@ transformers' other style names are accepted where they mean the same slicing
 
 Ranks of a node form ``tp_size`` consecutive local ranks per group (default: the ranks per node);
 every group is a replica, and ``Shard.groups`` lists them all. Uneven splits follow
-``torch.chunk`` (:func:`orchestrator.device_map.shard_bounds`); a split that leaves some rank an
+``torch.chunk`` (:func:`weightcast.orchestrator.device_map.shard_bounds`); a split that leaves some rank an
 empty slice, or attention heads that ``tp_size`` does not divide, is a :class:`DeviceMapError`.
 """
 from __future__ import annotations
@@ -29,13 +29,13 @@ import math
 import re
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from orchestrator.device_map import (ClusterDeviceMap, Placement, Replicate, Shard,
+from weightcast.orchestrator.device_map import (ClusterDeviceMap, Placement, Replicate, Shard,
                                      check_shardable)
-from orchestrator.errors import DeviceMapError
+from weightcast.orchestrator.errors import DeviceMapError
 
 if TYPE_CHECKING:
-    from orchestrator.checkpoint import CheckpointIndex
-    from orchestrator.cluster import ClusterSpec
+    from weightcast.orchestrator.checkpoint import CheckpointIndex
+    from weightcast.orchestrator.cluster import ClusterSpec
 
 LLAMA_TP_PLAN: tuple[tuple[str, str], ...] = (
     ("embed_tokens", "colwise"),  # split by vocabulary (dim 0)

@@ -1,6 +1,6 @@
 """Planner internals, first half: who owns what, which bytes are needed, chunks, readers, reads.
 
-Called only by :func:`orchestrator.planner.plan_load`, in this order: :func:`check_options`,
+Called only by :func:`weightcast.orchestrator.planner.plan_load`, in this order: :func:`check_options`,
 :func:`owned_and_needs`, :func:`make_chunks`, :func:`make_reads`. Pure and deterministic.
 """
 from __future__ import annotations
@@ -9,11 +9,11 @@ import heapq
 from bisect import bisect_left
 from dataclasses import dataclass
 
-from orchestrator.checkpoint import CheckpointIndex, TensorEntry
-from orchestrator.cluster import ClusterSpec
-from orchestrator.device_map import ClusterDeviceMap, Place, Replicate, Shard, shard_bounds
-from orchestrator.errors import ConfigError, DeviceMapError, PlanError
-from orchestrator.planner import Chunk, OwnedRow, PlanOptions, ReadItem
+from weightcast.orchestrator.checkpoint import CheckpointIndex, TensorEntry
+from weightcast.orchestrator.cluster import ClusterSpec
+from weightcast.orchestrator.device_map import ClusterDeviceMap, Place, Replicate, Shard, shard_bounds
+from weightcast.orchestrator.errors import ConfigError, DeviceMapError, PlanError
+from weightcast.orchestrator.planner import Chunk, OwnedRow, PlanOptions, ReadItem
 
 TRANSPORTS = ("collective", "node-shared")
 STORAGES = ("shared", "node-local")

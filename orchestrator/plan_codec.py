@@ -1,6 +1,6 @@
 """LoadPlan <-> compact JSON bytes (the blob rank 0 broadcasts; see DESIGN step 5).
 
-Called through :func:`orchestrator.planner.plan_to_json` / ``plan_from_json``. Deterministic:
+Called through :func:`weightcast.orchestrator.planner.plan_to_json` / ``plan_from_json``. Deterministic:
 sorted keys, no whitespace, only ints and strings, so equal plans give equal bytes. Compact:
 tensor names, rank sets (as runs ``[start, stop, start, stop, ...]``) and files are tables that
 rows, chunks, reads and transfers refer to by index; columns instead of objects.
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 
-from orchestrator.errors import PlanError
-from orchestrator.planner import (Chunk, FileStamp, LoadPlan, OwnedRow, OwnedTable, PlanOptions,
+from weightcast.orchestrator.errors import PlanError
+from weightcast.orchestrator.planner import (Chunk, FileStamp, LoadPlan, OwnedRow, OwnedTable, PlanOptions,
                                   ReadItem, TransferItem, owned_table)
 
 FORMAT = "weightcast-plan"

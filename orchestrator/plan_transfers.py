@@ -1,6 +1,6 @@
 """Planner internals, second half: the transfer schedule.
 
-Called only by :func:`orchestrator.planner.plan_load` after the readers are chosen.
+Called only by :func:`weightcast.orchestrator.planner.plan_load` after the readers are chosen.
 
 - ``collective``: each chunk goes from its reader to its other consumers; chunks with the same
   (kind, src, dsts) fill buckets of at most ``bucket_bytes`` (a scatter bucket always holds whole
@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
-from orchestrator.cluster import ClusterSpec
-from orchestrator.plan_build import Needs
-from orchestrator.planner import Chunk, PlanOptions, TransferItem
+from weightcast.orchestrator.cluster import ClusterSpec
+from weightcast.orchestrator.plan_build import Needs
+from weightcast.orchestrator.planner import Chunk, PlanOptions, TransferItem
 
 RING_DEPTH = 4  # a small ring stream is cut into this many buckets (when its chunks allow)
 

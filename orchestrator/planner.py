@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, overload
 
 if TYPE_CHECKING:
-    from orchestrator.checkpoint import CheckpointIndex
-    from orchestrator.cluster import ClusterSpec
-    from orchestrator.device_map import ClusterDeviceMap
+    from weightcast.orchestrator.checkpoint import CheckpointIndex
+    from weightcast.orchestrator.cluster import ClusterSpec
+    from weightcast.orchestrator.device_map import ClusterDeviceMap
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +219,7 @@ def plan_load(index: "CheckpointIndex", cluster: "ClusterSpec", device_map: "Clu
     checkpoint or names ranks outside the cluster, :class:`~orchestrator.errors.ConfigError` for
     bad options, :class:`~orchestrator.errors.PlanError` for a tensor that cannot be sliced.
     """
-    from orchestrator import plan_build, plan_transfers  # imported here: they import this module
+    from weightcast.orchestrator import plan_build, plan_transfers  # imported here: they import this module
 
     plan_build.check_options(options, cluster)
     devices = tuple(r.device for r in cluster.ranks)
@@ -240,13 +240,13 @@ def plan_load(index: "CheckpointIndex", cluster: "ClusterSpec", device_map: "Clu
 
 def plan_to_json(plan: LoadPlan) -> bytes:
     """Compact, deterministic JSON bytes of ``plan`` (rank 0 broadcasts them as one blob)."""
-    from orchestrator.plan_codec import encode
+    from weightcast.orchestrator.plan_codec import encode
     return encode(plan)
 
 
 def plan_from_json(data: bytes) -> LoadPlan:
     """Decode :func:`plan_to_json`'s bytes. Called by every rank on the broadcast blob."""
-    from orchestrator.plan_codec import decode
+    from weightcast.orchestrator.plan_codec import decode
     return decode(data)
 
 

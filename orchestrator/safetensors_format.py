@@ -1,6 +1,6 @@
 """Strict parser and validator for safetensors headers and ``model.safetensors.index.json``.
 
-Called by :func:`orchestrator.checkpoint.load_index` (rank 0, or whoever builds the index) and by
+Called by :func:`weightcast.orchestrator.checkpoint.load_index` (rank 0, or whoever builds the index) and by
 workers that need dtype facts (:data:`DTYPE_BITS`, :func:`torch_dtype`). Nothing here maps a file
 or reads tensor data: :func:`read_header` issues two bounded ``os.pread`` calls (the 8-byte
 length, then exactly the header) and never reads past ``8 + header length``.
@@ -23,7 +23,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.errors import CheckpointFormatError, StorageError, UnsafePathError
+from weightcast.orchestrator.errors import CheckpointFormatError, StorageError, UnsafePathError
 
 MAX_HEADER_BYTES = 100_000_000
 """Largest header safetensors accepts (its own limit)."""
@@ -361,7 +361,7 @@ def open_regular(path: str, file_name: str) -> tuple[int, os.stat_result]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
-        from orchestrator.errors import CheckpointNotFoundError
+        from weightcast.orchestrator.errors import CheckpointNotFoundError
         raise CheckpointNotFoundError("A checkpoint file does not exist", where=f"file {file_name!r}",
                                       expected=f"a file at {path}",
                                       fix="re-download the checkpoint or fix the index") from None
@@ -431,7 +431,7 @@ def validate_index_json(raw: bytes, index_name: str) -> tuple[dict[str, str], di
 
     weight_map maps tensor names to plain relative file names; metadata is the index's
     ``metadata`` object (``{}`` when absent). Cross-checks against headers happen in
-    :func:`orchestrator.checkpoint.load_index`.
+    :func:`weightcast.orchestrator.checkpoint.load_index`.
     """
     obj = _decode_json(raw, index_name, "index JSON", brace_first=False)
     if type(obj) is not dict:

@@ -1,7 +1,7 @@
 """Plan a distributed save: which tensors go in which shard file, who writes each file, and
 which slices travel to the writer. Pure: no torch, no I/O.
 
-Who calls what: every rank of ``workers.save.save_pretrained`` describes what it holds as a
+Who calls what: every rank of ``weightcast.workers.save.save_pretrained`` describes what it holds as a
 list of :class:`Held` (its manifest); rank 0 calls :func:`plan_save` on all manifests and
 broadcasts :func:`plan_to_json`; every rank decodes it with :func:`plan_from_json`.
 
@@ -16,7 +16,7 @@ import heapq
 import json
 from dataclasses import asdict, dataclass
 
-from orchestrator.errors import ConfigError, PlanError
+from weightcast.orchestrator.errors import ConfigError, PlanError
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"

@@ -1,7 +1,7 @@
 """Sources: a local path or a Hugging Face repo id -> a local directory of weight files.
 
 :func:`resolve_source` is called by the rank that reads metadata (rank 0, or local rank 0 of
-each node when storage is node-local) before :func:`orchestrator.checkpoint.load_index`; the
+each node when storage is node-local) before :func:`weightcast.orchestrator.checkpoint.load_index`; the
 other ranks wait at a barrier. Local paths win over repo ids. A repo id is resolved with
 ``huggingface_hub.snapshot_download`` (``revision``, ``cache_dir``, ``local_files_only``,
 ``token``; ``HF_HUB_OFFLINE`` is honoured by huggingface_hub itself), fetching only the
@@ -18,11 +18,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from orchestrator.checkpoint import (allowed_dirs, find_hf_cache_root, find_pickle_files,
+from weightcast.orchestrator.checkpoint import (allowed_dirs, find_hf_cache_root, find_pickle_files,
                                      locate_safetensors, read_weight_map, resolve_inside)
-from orchestrator.errors import (CheckpointNotFoundError, ConfigError, PickleRefusedError,
+from weightcast.orchestrator.errors import (CheckpointNotFoundError, ConfigError, PickleRefusedError,
                                  WeightcastError)
-from orchestrator.safetensors_format import pread_exact, open_regular
+from weightcast.orchestrator.safetensors_format import pread_exact, open_regular
 
 SMALL_FILES = ("config.json", "generation_config.json")
 INDEX_NAME = "model.safetensors.index.json"

@@ -19,9 +19,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
-from orchestrator.checkpoint import CheckpointIndex, load_index
-from orchestrator.errors import ConfigError
-from orchestrator.safetensors_format import tensor_nbytes
+from weightcast.orchestrator.checkpoint import CheckpointIndex, load_index
+from weightcast.orchestrator.errors import ConfigError
+from weightcast.orchestrator.safetensors_format import tensor_nbytes
 
 
 @dataclass(frozen=True, slots=True)

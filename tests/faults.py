@@ -2,7 +2,7 @@
 
 Injection points (``load_pretrained(phase_hook=..., reader_factory=...)``, or as
 ``"tests.faults:phase_hook"`` / ``"tests.faults:reader_factory"`` strings for
-``launch.jobs.load_job``) read what to do from environment variables, so one rank of a job can
+``weightcast.launch.jobs.load_job``) read what to do from environment variables, so one rank of a job can
 be hit while the others run normally:
 
 - ``WC_FAULT=kind@rank:phase`` for :func:`phase_hook`; kinds: ``kill`` (SIGKILL itself),
@@ -191,13 +191,13 @@ class FaultReader:
 
 def reader_factory(root: str, stamps: Any) -> FaultReader:
     """``reader_factory`` for load_pretrained: the real FileReader wrapped by :class:`FaultReader`."""
-    from workers.reader import FileReader
+    from weightcast.workers.reader import FileReader
     return FaultReader(FileReader(root, stamps), _my_rank())
 
 
 def timed_load_job(args: dict) -> dict:
-    """``launch.jobs.load_job`` that records when this rank's error was raised (``WC_MARK``)."""
-    from launch.jobs import load_job
+    """``weightcast.launch.jobs.load_job`` that records when this rank's error was raised (``WC_MARK``)."""
+    from weightcast.launch.jobs import load_job
     try:
         return load_job(args)
     except BaseException:
@@ -237,7 +237,7 @@ def _context() -> Any:
     if _CTX is None:
         _CTX = multiprocessing.get_context("forkserver")
         # what every rank needs, imported once (model skeletons need accelerate and transformers)
-        _CTX.set_forkserver_preload(["torch", "torch.distributed", "workers.api", "workers.staging", "tests.faults",
+        _CTX.set_forkserver_preload(["torch", "torch.distributed", "weightcast.workers.api", "weightcast.workers.staging", "tests.faults",
                                      "accelerate", "transformers.initialization", "transformers.modeling_utils"])
     return _CTX
 
@@ -317,8 +317,8 @@ def _rank_main(scenario: Callable[[dict], Any], args: dict, env: dict[str, str],
 def load_scenario(args: dict) -> dict:
     """Scenario: one ``load_pretrained`` with this module's hooks -> ``{tensor: crc32}`` of
     what this rank got (``model: "seq"`` uses :func:`seq_model`)."""
-    from workers.api import load_pretrained
-    from workers.reader import tensor_crc32
+    from weightcast.workers.api import load_pretrained
+    from weightcast.workers.reader import tensor_crc32
     kwargs = dict(args)
     source = kwargs.pop("source")
     if kwargs.get("model") == "seq":

@@ -24,7 +24,7 @@ def _forward(model, cls_name: str) -> torch.Tensor:
 
 def replicate_logits(args: dict) -> dict:
     """Every rank: load with weightcast (replicate) and compare with from_pretrained, bit for bit."""
-    from workers.api import load_pretrained
+    from weightcast.workers.api import load_pretrained
     model = load_pretrained(args["source"], model="auto", device_map="replicate", dtype="auto",
                             transport=args.get("transport", "auto"), timeout=60)
     mine = _forward(model, args["cls"])
@@ -43,7 +43,7 @@ def pipeline_logits(args: dict) -> dict:
     """Load a Llama with device_map="auto" over the ranks and run it as a pipeline: each stage
     (embeddings, each layer, norm, head) on the rank that owns it, hidden states sent between
     ranks. Rank 0 compares the result with from_pretrained in one process."""
-    from workers.api import load_pretrained
+    from weightcast.workers.api import load_pretrained
     model = load_pretrained(args["source"], model="auto", device_map="auto", dtype="auto",
                             max_memory=args.get("max_memory"), timeout=60)
     inner = model.model
@@ -95,8 +95,8 @@ def no_init_load(args: dict) -> dict:
     """Load with every torch.nn.init function and reset_parameters guarded: any of them running
     on a real (non-meta) tensor fails the load."""
     import torch.nn.init as init
-    from workers.api import load_pretrained
-    from workers.materialize import guard_no_init
+    from weightcast.workers.api import load_pretrained
+    from weightcast.workers.materialize import guard_no_init
     calls: list[str] = []
     for name in dir(init):
         fn = getattr(init, name)
@@ -115,8 +115,8 @@ def no_init_load(args: dict) -> dict:
 
 def tp_memory(args: dict) -> dict:
     """TP over the ranks: private memory growth of this rank vs what it owns."""
-    from workers.api import load_pretrained
-    from workers.report import memory_now
+    from weightcast.workers.api import load_pretrained
+    from weightcast.workers.report import memory_now
     before = memory_now()
     sd, report = load_pretrained(args["source"], model=None, device_map="tp", return_report=True, timeout=60)
     rank = dist.get_rank()

@@ -6,9 +6,9 @@ safetensors writer would, so plans of the big models can be built and timed in m
 """
 from __future__ import annotations
 
-from orchestrator.checkpoint import CheckpointIndex, FileEntry, TensorEntry
-from orchestrator.cluster import ClusterSpec, RankSpec
-from orchestrator.device_map import ClusterDeviceMap, Replicate, Shard
+from weightcast.orchestrator.checkpoint import CheckpointIndex, FileEntry, TensorEntry
+from weightcast.orchestrator.cluster import ClusterSpec, RankSpec
+from weightcast.orchestrator.device_map import ClusterDeviceMap, Replicate, Shard
 
 LLAMA = {  # hidden, intermediate, layers, kv heads, vocab (head dim 128)
     "llama-tiny": (64, 160, 2, 2, 256),

@@ -5,10 +5,10 @@ byte, every owner ends with exactly its bytes); ``check_ring`` the node-shared r
 """
 from __future__ import annotations
 
-from orchestrator.checkpoint import CheckpointIndex
-from orchestrator.cluster import ClusterSpec
-from orchestrator.device_map import ClusterDeviceMap, Place, Replicate, shard_bounds
-from orchestrator.planner import LoadPlan, owned_of, rank_read_bytes
+from weightcast.orchestrator.checkpoint import CheckpointIndex
+from weightcast.orchestrator.cluster import ClusterSpec
+from weightcast.orchestrator.device_map import ClusterDeviceMap, Place, Replicate, shard_bounds
+from weightcast.orchestrator.planner import LoadPlan, owned_of, rank_read_bytes
 
 
 # ---------------------------------------------------------------- reference semantics

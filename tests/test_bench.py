@@ -16,7 +16,7 @@ CKPT_LOADERS = "wc_replicate_node-shared,from_pretrained"
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One harness run: tiny checkpoint, N=2, one trial, weightcast and from_pretrained."""
-    from launch.cli import main
+    from benchmarks.cli import main
     out = tmp_path_factory.mktemp("bench")
     results = out / "r.json"
     md = out / "B.md"
@@ -102,8 +102,8 @@ def test_gpu_mode_without_cuda_reports_not_measured(tmp_path):
 
 
 def test_cli_rejects_unknown_loader(tmp_path, capsys):
-    from launch.cli import main
-    assert main(["bench", "--loaders", "nope", "--out", str(tmp_path)]) == 2
+    from benchmarks.cli import main
+    assert main(["--loaders", "nope", "--out", str(tmp_path)]) == 2
     assert "Unknown loader" in capsys.readouterr().err
 
 

@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 from hfcache_factory import (HFCache, build_hf_cache, corrupt_blob, default_files, git_blob_sha1,
                              make_absolute_link, make_dangling, make_plain_copy, make_text_link,
                              sha256_hex, tiny_safetensors, write_ref)
-from launch.cli import main as cli
-from orchestrator import cache_doctor as doctor
-from orchestrator.cache_repair import repair
-from orchestrator.errors import CacheError, CheckpointNotFoundError
+from weightcast.launch.cli import main as cli
+from weightcast.orchestrator import cache_doctor as doctor
+from weightcast.orchestrator.cache_repair import repair
+from weightcast.orchestrator.errors import CacheError, CheckpointNotFoundError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "model.safetensors"
@@ -118,7 +118,7 @@ def test_snapshot_path_source_and_json(cache, capsys):
 
 def test_default_cache_dir_comes_from_hf_hub_cache(cache):
     env = dict(os.environ, HF_HUB_CACHE=cache.cache_dir, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "cache", "verify", cache.repo_id, "--json"],
+    proc = subprocess.run([sys.executable, "-m", "weightcast.launch.cli", "cache", "verify", cache.repo_id, "--json"],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["repo_dir"] == cache.repo_dir
@@ -383,7 +383,7 @@ def test_compare_snapshots_names_the_node_that_differs(cache):
 
 @pytest.mark.parametrize("defect", ["text", "dangling"])
 def test_load_pretrained_on_a_broken_cache_names_the_file_and_the_next_step(cache, defect):
-    from workers.api import load_pretrained
+    from weightcast.workers.api import load_pretrained
 
     (make_text_link if defect == "text" else make_dangling)(cache, MODEL)
     with pytest.raises(CacheError) as err:
@@ -394,7 +394,7 @@ def test_load_pretrained_on_a_broken_cache_names_the_file_and_the_next_step(cach
 
 
 def test_load_pretrained_after_repair_is_bit_exact(cache):
-    from workers.api import load_pretrained
+    from weightcast.workers.api import load_pretrained
 
     make_plain_copy(cache, MODEL)
     make_text_link(cache, "config.json")
@@ -421,7 +421,7 @@ def test_a_cache_copied_with_cp_rL_is_repaired_to_one_copy_per_blob(cache, tmp_p
 
 @pytest.mark.parametrize("command", ["inspect", "plan"])
 def test_inspect_and_plan_on_a_broken_cache_name_the_file_and_the_next_step(cache, command, capsys):
-    from launch.cli import main
+    from weightcast.launch.cli import main
 
     make_text_link(cache, MODEL)
     argv = [command, cache.snapshot_dir] + (["--nodes", "1", "--cpus-per-node", "2"] if command == "plan" else [])

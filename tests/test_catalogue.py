@@ -14,10 +14,10 @@ from typing import Callable
 import ckpt_factory as cf
 import pytest
 
-from orchestrator.checkpoint import load_index
-from orchestrator.errors import (CheckpointFormatError, CheckpointNotFoundError, PickleRefusedError,
+from weightcast.orchestrator.checkpoint import load_index
+from weightcast.orchestrator.errors import (CheckpointFormatError, CheckpointNotFoundError, PickleRefusedError,
                                  UnsafePathError, WeightcastError)
-from orchestrator.safetensors_format import DTYPE_BITS
+from weightcast.orchestrator.safetensors_format import DTYPE_BITS
 
 Case = tuple[Path, type, str]
 CASES: dict[str, Callable[[Path], Case]] = {}

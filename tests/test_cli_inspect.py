@@ -9,8 +9,8 @@ import sys
 import ckpt_factory as cf  # sets HF_HUB_OFFLINE
 import pytest
 
-from launch.cli import main
-from orchestrator.checkpoint import load_index
+from weightcast.launch.cli import main
+from weightcast.orchestrator.checkpoint import load_index
 from test_catalogue import CASES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +88,7 @@ def test_inspect_pickle_dir_mentions_allow_pickle(tmp_path, capsys):
 def test_inspect_real_process_exit_status(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\xff" * 8 + b"{}")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "inspect", str(tmp_path)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "weightcast.launch.cli", "inspect", str(tmp_path)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "model.safetensors" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""

@@ -9,8 +9,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from launch.cli import main  # noqa: E402
-from orchestrator.synth import write_synthetic  # noqa: E402
+from weightcast.launch.cli import main  # noqa: E402
+from weightcast.orchestrator.synth import write_synthetic  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "cluster_configs")
@@ -50,8 +50,8 @@ def test_json_replicate_reads_each_byte_once(ckpt: str, capsys: pytest.CaptureFi
 
 def test_tp_on_gpus_with_saved_device_map_and_plan(ckpt: str, tmp_path: str,
                                                    capsys: pytest.CaptureFixture) -> None:
-    from orchestrator.device_map import Shard, device_map_from_json
-    from orchestrator.planner import plan_from_json, rank_read_bytes
+    from weightcast.orchestrator.device_map import Shard, device_map_from_json
+    from weightcast.orchestrator.planner import plan_from_json, rank_read_bytes
     dm_path, plan_path = str(tmp_path / "dm.json"), str(tmp_path / "plan.json")
     out = run_json(capsys, ckpt, "--nodes", "1", "--gpus-per-node", "2", "--device-map", "tp",
                    "--save-device-map", dm_path, "--save-plan", plan_path)

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.cluster import (ClusterSpec, RankSpec, cluster_from_dict, cluster_from_facts,
+from weightcast.orchestrator.cluster import (ClusterSpec, RankSpec, cluster_from_dict, cluster_from_facts,
                                   cluster_from_flags, cluster_from_json, cluster_to_dict,
                                   cluster_to_json, load_cluster, parse_bytes)
-from orchestrator.errors import ConfigError
+from weightcast.orchestrator.errors import ConfigError
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "cluster_configs"
 GIB = 1024**3

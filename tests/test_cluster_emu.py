@@ -13,7 +13,7 @@ from benchmarks.cluster_emu import rank_common, report
 from benchmarks.cluster_emu.loaders import LOADERS, unavailable
 from benchmarks.cluster_emu.throttle import TokenBucket
 from benchmarks.cluster_emu.topology import Topology, cluster_yaml
-from orchestrator.cluster import cluster_from_dict, load_cluster
+from weightcast.orchestrator.cluster import cluster_from_dict, load_cluster
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

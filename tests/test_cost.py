@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from orchestrator.cost import predict, water_fill
-from orchestrator.device_map import ClusterDeviceMap, Shard
-from orchestrator.planner import PlanOptions, plan_load
+from weightcast.orchestrator.cost import predict, water_fill
+from weightcast.orchestrator.device_map import ClusterDeviceMap, Shard
+from weightcast.orchestrator.planner import PlanOptions, plan_load
 from tests.plan_fixtures import llama_index, make_cluster, make_index, replicate_map, tp_map
 from tests.test_planner import planner_inputs
 

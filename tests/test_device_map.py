@@ -9,14 +9,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.checkpoint import CheckpointIndex, FileEntry, TensorEntry
-from orchestrator.cluster import cluster_from_flags, load_cluster
-from orchestrator.device_map import (ClusterDeviceMap, Place, Replicate, Shard, build_device_map,
+from weightcast.orchestrator.checkpoint import CheckpointIndex, FileEntry, TensorEntry
+from weightcast.orchestrator.cluster import cluster_from_flags, load_cluster
+from weightcast.orchestrator.device_map import (ClusterDeviceMap, Place, Replicate, Shard, build_device_map,
                                      collapse_modules, device_map_from_json, device_map_to_json,
                                      global_device_map, hf_device_map, shard_bounds)
-from orchestrator.device_map_auto import memory_caps
-from orchestrator.device_map_tp import LLAMA_TP_PLAN
-from orchestrator.errors import DeviceMapError
+from weightcast.orchestrator.device_map_auto import memory_caps
+from weightcast.orchestrator.device_map_tp import LLAMA_TP_PLAN
+from weightcast.orchestrator.errors import DeviceMapError
 
 ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "I8": 1}
 

@@ -7,10 +7,10 @@ import os
 import pytest
 
 from ckpt_factory import save_tiny_llama
-from orchestrator.checkpoint import load_index
-from orchestrator.cluster import cluster_from_flags
-from orchestrator.device_map import Place, build_device_map, hf_device_map
-from orchestrator.errors import DeviceMapError
+from weightcast.orchestrator.checkpoint import load_index
+from weightcast.orchestrator.cluster import cluster_from_flags
+from weightcast.orchestrator.device_map import Place, build_device_map, hf_device_map
+from weightcast.orchestrator.errors import DeviceMapError
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -7,7 +7,7 @@ survivor must raise a LoadError within ``timeout`` + a few seconds of the death 
 delay is recorded as the junit property ``death_to_error_s``), and no process may remain.
 Exceptions (not deaths) on one rank become the same LoadError on every rank, naming that rank.
 Ranks are forked from a forkserver (tests/faults.py) so each run costs a fraction of a second;
-one test runs real interpreters through ``launch.local.spawn`` and the node-shared transport.
+one test runs real interpreters through ``weightcast.launch.local.spawn`` and the node-shared transport.
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def test_kill_in_real_processes_node_shared_leaves_no_staging(ckpt, tmp_path, re
     bytes cross nodes through /dev/shm staging areas; rank 1 dies at its first receive, with its
     area open. Survivors exit with status 2 and the error on stderr (no traceback) within the
     bound, and nothing of the load remains in /dev/shm."""
-    from launch.local import spawn
+    from weightcast.launch.local import spawn
     env = dict(os.environ, WC_FAULT="kill-on-recv@1:transfer", WC_MARK=str(tmp_path),
                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     args = {"source": ckpt, "timeout": TIMEOUT, "transport": "node-shared", "chunk_bytes": 128,
@@ -160,7 +160,7 @@ def test_reclaim_stale_removes_areas_of_dead_loads_only(tmp_path):
     """An area whose holder was killed is reclaimed; one a live process holds is kept."""
     import fcntl
     import multiprocessing
-    from workers.staging import reclaim_stale
+    from weightcast.workers.staging import reclaim_stale
     dead, live = tmp_path / "weightcast-deadload-n0-f0", tmp_path / "weightcast-liveload-n0-f0"
     ready = multiprocessing.get_context("fork").Event()
     proc = multiprocessing.get_context("fork").Process(target=_hold_area, args=(str(dead), ready))
@@ -207,7 +207,7 @@ def test_control_groups_kept_after_success_and_replaced_after_failure(ckpt):
 
 
 def _group_sequence(args: dict) -> list:
-    from workers import coordinator
+    from weightcast.workers import coordinator
     crcs, kept, held = [], [], []
     for i, timeout in enumerate([TIMEOUT, TIMEOUT, TIMEOUT, TIMEOUT, TIMEOUT + 1]):
         os.environ.pop("WC_FAULT", None)

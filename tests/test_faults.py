@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from tests import faults
 from tests.ckpt_factory import sample_tensors, write_sharded
-from workers.reader import checksum_metadata, tensor_crc32
+from weightcast.workers.reader import checksum_metadata, tensor_crc32
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -52,7 +52,7 @@ def ckpts(tmp_path_factory) -> dict[str, str]:
 
 def _flip_last_byte_of(path: str, tensor: str) -> None:
     """Change one byte of ``tensor`` in place (same size; stamps are taken after this)."""
-    from orchestrator.checkpoint import load_index
+    from weightcast.orchestrator.checkpoint import load_index
     entry = load_index(path).tensor(tensor)
     with open(path, "r+b") as fh:
         fh.seek(entry.end - 1)
@@ -140,7 +140,7 @@ def test_checksum_metadata_is_crc32_of_the_raw_bytes():
 
 def test_single_process_faults_keep_their_class(tmp_path, monkeypatch):
     """Without a process group the StorageError itself reaches the caller, wrapped once."""
-    from workers.api import load_pretrained
+    from weightcast.workers.api import load_pretrained
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(key, raising=False)
     write_sharded(tmp_path, sample_tensors(), shards=2)
@@ -155,7 +155,7 @@ def test_single_process_faults_keep_their_class(tmp_path, monkeypatch):
 def test_cli_verify_checksums_names_the_corrupt_tensor(ckpts, capsys):
     """``weightcast load --verify-checksums`` on two ranks: exit 2, the tensor named, no traceback;
     the intact copy loads and verifies."""
-    from launch.cli import main
+    from weightcast.launch.cli import main
     code = main(["load", ckpts["crc-bad"], "--nproc", "2", "--timeout", "60", "--verify-checksums"])
     _, err = capsys.readouterr()
     assert code == 2 and "Traceback" not in err, err

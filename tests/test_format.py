@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save
 
-from orchestrator import safetensors_format as sf
-from orchestrator.checkpoint import CheckpointIndex, FileEntry, TensorEntry, load_index
-from orchestrator.errors import CheckpointFormatError, WeightcastError
+from weightcast.orchestrator import safetensors_format as sf
+from weightcast.orchestrator.checkpoint import CheckpointIndex, FileEntry, TensorEntry, load_index
+from weightcast.orchestrator.errors import CheckpointFormatError, WeightcastError
 
 # A safetensors file written by hand: three tensors, dtype-aligned order (I64, F32, BF16), header
 # padded with spaces to a multiple of 8.

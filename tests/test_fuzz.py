@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from orchestrator import safetensors_format as sf
-from orchestrator.checkpoint import load_index
-from orchestrator.errors import DeviceMapError, UnsafePathError, WeightcastError
-from orchestrator.planner import plan_load, rank_owned_bytes
+from weightcast.orchestrator import safetensors_format as sf
+from weightcast.orchestrator.checkpoint import load_index
+from weightcast.orchestrator.errors import DeviceMapError, UnsafePathError, WeightcastError
+from weightcast.orchestrator.planner import plan_load, rank_owned_bytes
 from tests.test_planner import planner_inputs
 
 pytestmark = pytest.mark.timeout(300)
@@ -116,7 +116,7 @@ VALID = cf.raw_safetensors(_HEADER, bytes(range(_DATA_LEN)))
 def test_what_weightcast_loads_safetensors_loads_identically(tmp_path_factory, flips, cut, tail):
     """Differential: mutate a small file anywhere (header or data), load it with
     load_pretrained: a WeightcastError, or exactly the tensors safetensors reads."""
-    from workers.api import load_pretrained
+    from weightcast.workers.api import load_pretrained
     data = bytearray(VALID)
     for pos, value in flips:
         data[pos] = value
@@ -151,7 +151,7 @@ def test_planned_reads_stay_in_data_regions_and_memory_is_checked(inputs, memory
     """Every read of any plan lies inside a file's data region; the pre-read memory check
     refuses a plan exactly when some rank would own more bytes than its memory."""
     from dataclasses import replace
-    from workers.execute import _check_fits
+    from weightcast.workers.execute import _check_fits
     index, cluster, dm, options = inputs
     try:
         plan = plan_load(index, cluster, dm, options)

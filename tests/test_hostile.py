@@ -24,8 +24,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from launch.cli import main
-from orchestrator.errors import (CheckpointFormatError, ConfigError, DeviceMapError, LoadError,
+from weightcast.launch.cli import main
+from weightcast.orchestrator.errors import (CheckpointFormatError, ConfigError, DeviceMapError, LoadError,
                                  ModelMismatchError, PickleRefusedError, RemoteCodeRefusedError,
                                  UnsafePathError)
 from test_catalogue import CASES as CATALOGUE
@@ -351,7 +351,7 @@ def test_load_pretrained_refuses_and_reads_nothing_outside(name, built, tmp_path
         monkeypatch.delenv(key, raising=False)
     log = tmp_path / "reads.jsonl"
     monkeypatch.setenv("WC_READ_LOG", str(log))
-    from workers.api import load_pretrained
+    from weightcast.workers.api import load_pretrained
     error = None
     with faults.OpenRecorder() as opened:
         try:
@@ -430,7 +430,7 @@ def test_cli_load_two_ranks(name, built, capsys):
 def test_cli_load_real_process_exit_status(built):
     h = built["hostile:header_length_2_pow_64_minus_1"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "load", str(h.path), "--nproc", "2", "--timeout", "60"],
+    proc = subprocess.run([sys.executable, "-m", "weightcast.launch.cli", "load", str(h.path), "--nproc", "2", "--timeout", "60"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "weightcast load: error: " in proc.stderr and "Traceback" not in proc.stderr
@@ -440,7 +440,7 @@ def test_cli_load_real_process_exit_status(built):
 def test_remote_code_loads_only_with_trust_remote_code(built, monkeypatch):
     """The same checkpoint loads with trust_remote_code=True (the model class comes from
     transformers; the checkpoint's module is never imported)."""
-    from workers.api import load_pretrained
+    from weightcast.workers.api import load_pretrained
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(key, raising=False)
     h = built["hostile:config_auto_map_remote_code"]

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from launch.cli import main as cli_main
-from launch.local import free_port
+from weightcast.launch.cli import main as cli_main
+from weightcast.launch.local import free_port
 from tests.ckpt_factory import save_tiny_llama
 from tests.test_torchrun import REPO, checkpoint_tensor_bytes, torchrun_env
 
@@ -54,10 +54,10 @@ def test_commands_for_16_nodes_of_8_gpus(capsys) -> None:
         assert _opt(argv, "--node-rank") == str(k) and _opt(argv, "--rdzv-endpoint") == "node0:29500"
         assert _opt(argv, "--rdzv-backend") == "static"
         worker = argv[argv.index("-m") + 1:]
-        assert worker[:2] == ["launch.torchrun", "/data/ckpt"] and _opt(worker, "--cluster") == yaml
+        assert worker[:2] == ["weightcast.launch.torchrun", "/data/ckpt"] and _opt(worker, "--cluster") == yaml
     # what the ranks receive parses to the options given to `weightcast launch`
-    from launch.cmd_load import job_args
-    from launch.torchrun import build_parser
+    from weightcast.launch.cmd_load import job_args
+    from weightcast.launch.torchrun import build_parser
     ns = build_parser().parse_args(cmds[3][1][cmds[3][1].index("-m") + 2:])
     assert job_args(ns) == {**job_args(ns), "device_map": "tp", "dtype": "bfloat16", "verify": True,
                             "timeout": 600.0, "cluster": yaml}
@@ -94,7 +94,7 @@ def test_plan_takes_the_same_yaml(capsys, llama: str) -> None:
 
 
 def _launch(argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "launch.cli", "launch", *argv], cwd=REPO, env=torchrun_env(),
+    return subprocess.Popen([sys.executable, "-m", "weightcast.launch.cli", "launch", *argv], cwd=REPO, env=torchrun_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

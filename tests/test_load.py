@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from launch.local import spawn
+from weightcast.launch.local import spawn
 from tests.ckpt_factory import sample_tensors, write_sharded
 
 pytestmark = pytest.mark.timeout(300)
@@ -44,7 +44,7 @@ def _device_map(strategy: str):
 def test_bit_exact_and_read_once(sharded: str, strategy: str, transport: str) -> None:
     args = {"source": sharded, "device_map": _device_map(strategy), "transport": transport,
             "verify": True, "timeout": 60, "chunk_bytes": 512}
-    results = spawn(2, "launch.jobs:load_job", args, timeout=180)
+    results = spawn(2, "weightcast.launch.jobs:load_job", args, timeout=180)
     assert all(r.value["mismatches"] == [] for r in results)
     assert sum(r.value["verified"] for r in results) > 0
     report = results[0].value["report"]
@@ -57,13 +57,13 @@ def test_bit_exact_and_read_once(sharded: str, strategy: str, transport: str) ->
 
 def _needed_bytes(root: str, strategy: str) -> int:
     """Bytes some rank needs: the whole checkpoint for every strategy here (all tensors owned)."""
-    from orchestrator.checkpoint import load_index
+    from weightcast.orchestrator.checkpoint import load_index
     return load_index(root).total_bytes
 
 
 def test_four_ranks_tp_node_shared_slices(sharded: str) -> None:
     args = {"source": sharded, "device_map": "tp", "verify": True, "timeout": 60}
-    results = spawn(4, "launch.jobs:load_job", args, timeout=240)
+    results = spawn(4, "weightcast.launch.jobs:load_job", args, timeout=240)
     assert all(r.value["mismatches"] == [] for r in results)
     report = results[0].value["report"]
     assert report["total_read_bytes"] == report["checkpoint_bytes"]
@@ -73,7 +73,7 @@ def test_four_ranks_tp_node_shared_slices(sharded: str) -> None:
 
 def test_single_process_without_distributed(sharded: str, monkeypatch) -> None:
     from safetensors.torch import load_file
-    from workers.api import load_pretrained
+    from weightcast.workers.api import load_pretrained
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(key, raising=False)
     sd = load_pretrained(sharded, model=None)
@@ -88,7 +88,7 @@ def test_single_process_without_distributed(sharded: str, monkeypatch) -> None:
 
 def test_views_are_copy_on_write(sharded: str, monkeypatch) -> None:
     """Node-shared tensors are private copy-on-write views: writing one never changes the file."""
-    from workers.api import load_pretrained
+    from weightcast.workers.api import load_pretrained
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(key, raising=False)
     sd = load_pretrained(sharded, model=None, transport="node-shared")
@@ -107,7 +107,7 @@ def test_two_nodes_shared_storage_ring(sharded: str, strategy: str) -> None:
     """2 emulated nodes x 2 ranks: read once per cluster; only what a node needs and did not
     read itself crosses nodes (node-shared ring hops)."""
     args = {"source": sharded, "device_map": strategy, "verify": True, "timeout": 60, "chunk_bytes": 512}
-    results = spawn(4, "launch.jobs:load_job", args, timeout=240, nodes=NODES)
+    results = spawn(4, "weightcast.launch.jobs:load_job", args, timeout=240, nodes=NODES)
     assert all(r.value["mismatches"] == [] for r in results)
     report = results[0].value["report"]
     assert report["total_read_bytes"] == report["checkpoint_bytes"]
@@ -131,7 +131,7 @@ def test_two_nodes_node_local_storage(sharded: str, tmp_path) -> None:
         "name: two-nodes\nstorage: node-local\nnodes:\n  count: 2\n  ranks_per_node: 2\n  host_memory: 16GB\n")
     args = {"source": str(tmp_path / "{node}"), "cluster": str(tmp_path / "cluster.yaml"), "verify": True,
             "verify_root": sharded, "timeout": 60}
-    results = spawn(4, "launch.jobs:load_job", args, timeout=240, nodes=NODES)
+    results = spawn(4, "weightcast.launch.jobs:load_job", args, timeout=240, nodes=NODES)
     assert all(r.value["mismatches"] == [] for r in results)
     report = results[0].value["report"]
     for node in ("n0", "n1"):
@@ -141,7 +141,7 @@ def test_two_nodes_node_local_storage(sharded: str, tmp_path) -> None:
 
 def test_node_local_copies_must_match(sharded: str, tmp_path) -> None:
     import shutil
-    from orchestrator.errors import CacheError, LoadError
+    from weightcast.orchestrator.errors import CacheError, LoadError
     for node in ("n0", "n1"):
         shutil.copytree(sharded, tmp_path / node)
     victim = sorted(p for p in (tmp_path / "n1").iterdir() if p.suffix == ".safetensors")[0]
@@ -151,5 +151,5 @@ def test_node_local_copies_must_match(sharded: str, tmp_path) -> None:
         "name: two-nodes\nstorage: node-local\nnodes:\n  count: 2\n  ranks_per_node: 2\n  host_memory: 16GB\n")
     args = {"source": str(tmp_path / "{node}"), "cluster": str(tmp_path / "cluster.yaml"), "timeout": 60}
     with pytest.raises((CacheError, LoadError)) as info:
-        spawn(4, "launch.jobs:load_job", args, timeout=240, nodes=NODES)
+        spawn(4, "weightcast.launch.jobs:load_job", args, timeout=240, nodes=NODES)
     assert "n1" in str(info.value) and victim.name in str(info.value)

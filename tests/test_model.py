@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.local import spawn
+from weightcast.launch.local import spawn
 from tests.ckpt_factory import save_tiny_bert, save_tiny_llama
 
 pytestmark = pytest.mark.timeout(300)
@@ -40,7 +40,7 @@ def test_bert_replicate_logits_identical(bert: str) -> None:
 
 
 def test_llama_auto_pipeline_over_two_ranks(llama_bf16: str) -> None:
-    from orchestrator.checkpoint import load_index
+    from weightcast.orchestrator.checkpoint import load_index
     total = load_index(llama_bf16).total_bytes
     budget = {0: int(total * 0.6), 1: int(total * 0.6)}  # forces layers onto both ranks
     args = {"source": llama_bf16, "max_memory": budget, "dtype": "bfloat16",
@@ -60,7 +60,7 @@ def test_no_random_init(llama_bf16: str) -> None:
 
 
 def test_skeleton_is_on_meta() -> None:
-    from workers.materialize import build_skeleton
+    from weightcast.workers.materialize import build_skeleton
     config = save_config()
     module = build_skeleton("auto", config)
     assert all(p.is_meta for p in module.parameters())
@@ -96,7 +96,7 @@ def test_old_checkpoint_with_saved_position_ids_loads_strict(tmp_path, monkeypat
     """Checkpoints saved by older transformers carry BERT's non-persistent ``position_ids``
     buffer (all-MiniLM-L6-v2 does); from_pretrained ignores it, so does a strict load here."""
     from safetensors.torch import load_file, save_file
-    from workers.api import load_pretrained
+    from weightcast.workers.api import load_pretrained
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(key, raising=False)
     save_tiny_bert(tmp_path)

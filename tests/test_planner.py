@@ -6,10 +6,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.checkpoint import CheckpointIndex
-from orchestrator.device_map import ClusterDeviceMap, Place, Replicate, Shard
-from orchestrator.errors import ConfigError, DeviceMapError, PlanError
-from orchestrator.planner import (LoadPlan, PlanOptions, node_cross_bytes, owned_of, plan_from_json,
+from weightcast.orchestrator.checkpoint import CheckpointIndex
+from weightcast.orchestrator.device_map import ClusterDeviceMap, Place, Replicate, Shard
+from weightcast.orchestrator.errors import ConfigError, DeviceMapError, PlanError
+from weightcast.orchestrator.planner import (LoadPlan, PlanOptions, node_cross_bytes, owned_of, plan_from_json,
                                   plan_load, plan_to_json, rank_owned_bytes, rank_read_bytes,
                                   rank_recv_bytes)
 from tests.plan_fixtures import make_cluster, make_index, replicate_map, tp_map
@@ -137,7 +137,7 @@ def _plan(dm: dict, nodes: int = 1, per_node: int = 2, **opts: object) -> LoadPl
 
 
 def test_golden_replicate() -> None:
-    from orchestrator.planner import Chunk, Owned, ReadItem, TransferItem
+    from weightcast.orchestrator.planner import Chunk, Owned, ReadItem, TransferItem
     plan = _plan({n: Replicate((0, 1)) for n in "abc"})
     assert plan.chunks == (Chunk(0, "a", F, 16, 16, 0, 0, (0, 1)), Chunk(1, "a", F, 32, 16, 16, 1, (0, 1)),
                            Chunk(2, "b", F, 48, 8, 0, 0, (0, 1)), Chunk(3, "c", F, 56, 16, 0, 0, (0, 1)),
@@ -157,7 +157,7 @@ def test_golden_replicate() -> None:
 
 
 def test_golden_tp() -> None:
-    from orchestrator.planner import Chunk, Owned, ReadItem, TransferItem
+    from weightcast.orchestrator.planner import Chunk, Owned, ReadItem, TransferItem
     plan = _plan({"a": Shard(0, ((0, 1),)), "b": Replicate((0, 1)), "c": Shard(1, ((0, 1),))})
     assert plan.chunks == (Chunk(0, "a", F, 16, 16, 0, 0, (0,)), Chunk(1, "a", F, 32, 16, 16, 1, (1,)),
                            Chunk(2, "b", F, 48, 8, 0, 1, (0, 1)), Chunk(3, "c", F, 56, 16, 0, 0, (0, 1)),
@@ -175,7 +175,7 @@ def test_golden_tp() -> None:
 
 
 def test_golden_explicit_places() -> None:
-    from orchestrator.planner import Chunk, Owned, ReadItem
+    from weightcast.orchestrator.planner import Chunk, Owned, ReadItem
     plan = _plan({"a": Place(0), "b": Place(1, "cpu"), "c": Place(1, "disk")})
     assert plan.chunks == (Chunk(0, "a", F, 16, 16, 0, 0, (0,)), Chunk(1, "a", F, 32, 16, 16, 0, (0,)),
                            Chunk(2, "b", F, 48, 8, 0, 1, (1,)), Chunk(3, "c", F, 56, 16, 0, 1, (1,)),
@@ -188,7 +188,7 @@ def test_golden_explicit_places() -> None:
 
 
 def test_golden_node_shared_two_nodes() -> None:
-    from orchestrator.planner import TransferItem
+    from weightcast.orchestrator.planner import TransferItem
     plan = _plan({n: Replicate((0, 1)) for n in "abc"}, nodes=2, per_node=1,
                  transport="node-shared")
     assert [c.reader for c in plan.chunks] == [0, 1, 0, 0, 1]
@@ -209,7 +209,7 @@ def test_golden_node_shared_two_nodes() -> None:
 
 
 def test_golden_ring_of_three_nodes() -> None:
-    from orchestrator.planner import TransferItem
+    from weightcast.orchestrator.planner import TransferItem
     index = make_index([("w", (4,))], dtype="F32")
     cluster = make_cluster(3, 1, device="cpu")
     dm = replicate_map(index, cluster)
@@ -312,7 +312,7 @@ def test_bad_options(options: PlanOptions, message: str) -> None:
 
 
 def test_rows_that_are_not_whole_bytes_are_refused() -> None:
-    from orchestrator.checkpoint import FileEntry, TensorEntry
+    from weightcast.orchestrator.checkpoint import FileEntry, TensorEntry
     index = CheckpointIndex("/x", (FileEntry(F, 8 + 8 + 3, 1, 16),),
                             (TensorEntry("p", F, "F4", (2, 3), 16, 3),))  # 1.5-byte rows
     with pytest.raises(PlanError, match="whole number of rows"):

@@ -66,8 +66,8 @@ def _wait_released(group, cpus: float = 3.0, timeout: float = 60.0) -> None:
 
 
 def test_load_on_ray_two_ranks_bit_exact(ray_local, llama: str) -> None:
-    from orchestrator.errors import ConfigError
-    from launch.ray import load_on_ray
+    from weightcast.orchestrator.errors import ConfigError
+    from weightcast.launch.ray import load_on_ray
     group = load_on_ray(llama, ranks_per_node=2, timeout=120, model=None)
     try:
         node = ray.get_runtime_context().get_node_id()
@@ -106,8 +106,8 @@ def test_ray_actors_auto_pipeline(ray_local, llama: str) -> None:
 
 
 def test_load_error_reaches_the_driver_and_frees_everything(ray_local, tmp_path) -> None:
-    from orchestrator.errors import WeightcastError
-    from launch.ray import load_on_ray
+    from weightcast.orchestrator.errors import WeightcastError
+    from weightcast.launch.ray import load_on_ray
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")  # truncated header
     with pytest.raises(WeightcastError) as info:
         load_on_ray(str(tmp_path), ranks_per_node=2, timeout=60, model=None)
@@ -119,8 +119,8 @@ def test_load_error_reaches_the_driver_and_frees_everything(ray_local, tmp_path)
 
 
 def test_unplaceable_group_fails_within_timeout(ray_local, llama: str) -> None:
-    from orchestrator.errors import LoadError
-    from launch.ray import load_on_ray
+    from weightcast.orchestrator.errors import LoadError
+    from weightcast.launch.ray import load_on_ray
     t0 = time.monotonic()
     with pytest.raises(LoadError, match="could not place"):
         load_on_ray(llama, ranks_per_node=4, timeout=5)  # 4 CPUs asked, 3 in the cluster
@@ -130,7 +130,7 @@ def test_unplaceable_group_fails_within_timeout(ray_local, llama: str) -> None:
 
 
 def test_cluster_yaml_gives_layout_and_node_names(ray_local, llama: str) -> None:
-    from launch.ray import load_on_ray
+    from weightcast.launch.ray import load_on_ray
     yaml = os.path.join(REPO, "cluster_configs", "local-cpu-2.yaml")
     with load_on_ray(llama, cluster=yaml, timeout=120, model=None) as group:
         assert group.world_size == 2
@@ -143,9 +143,9 @@ def test_cluster_yaml_gives_layout_and_node_names(ray_local, llama: str) -> None
 def test_rank_envs_number_ranks_node_by_node_with_ray_gpus() -> None:
     """Bundles alternate between two nodes: ranks are consecutive per node, and each actor sees
     its node's Ray GPU ids in local-rank order, so cuda:<local rank> is the GPU Ray gave it."""
-    from orchestrator.cluster import load_cluster
-    from orchestrator.errors import ConfigError
-    from launch.ray import check_layout, rank_envs
+    from weightcast.orchestrator.cluster import load_cluster
+    from weightcast.orchestrator.errors import ConfigError
+    from weightcast.launch.ray import check_layout, rank_envs
     infos = [{"node_id": "A", "gpu_ids": ["5"]}, {"node_id": "B", "gpu_ids": ["0"]},
              {"node_id": "A", "gpu_ids": ["2"]}, {"node_id": "B", "gpu_ids": ["7"]}]
     envs, order = rank_envs(infos)
@@ -164,8 +164,8 @@ def test_rank_envs_number_ranks_node_by_node_with_ray_gpus() -> None:
 
 
 def test_bad_layouts_are_refused() -> None:
-    from orchestrator.errors import ConfigError
-    from launch.ray import load_on_ray
+    from weightcast.orchestrator.errors import ConfigError
+    from weightcast.launch.ray import load_on_ray
     with pytest.raises(ConfigError, match="STRICT_PACK"):
         load_on_ray("x", num_nodes=2, strategy="STRICT_PACK")
     with pytest.raises(ConfigError, match="STRICT_SPREAD"):

@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from launch.local import spawn
-from orchestrator.errors import ConfigError, LoadError, PlanError
-from orchestrator.save_plan import Held, Manifest, merge_order, plan_save
+from weightcast.launch.local import spawn
+from weightcast.orchestrator.errors import ConfigError, LoadError, PlanError
+from weightcast.orchestrator.save_plan import Held, Manifest, merge_order, plan_save
 from tests.ckpt_factory import sample_tensors, save_tiny_llama, write_sharded
 
 pytestmark = pytest.mark.timeout(300)
@@ -89,8 +89,8 @@ def rank_save(args: dict) -> dict:
     ``args["out"]``; a fault is injected at ``args["fault_at"]`` on ``args["fault_rank"]``."""
     import torch.distributed as dist
     from datetime import timedelta
-    from workers import save
-    from workers.save import save_pretrained
+    from weightcast.workers import save
+    from weightcast.workers.save import save_pretrained
     save.SEND_WINDOW = args.get("window", save.SEND_WINDOW)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=args["timeout"]))
@@ -225,7 +225,7 @@ def test_module_save_matches_transformers(ref, tmp_path, made: str) -> None:
     """A model made from scratch (state-dict order) or loaded with from_pretrained (natural
     name order, as transformers re-saves it): the same files, weight map and tensors."""
     from transformers import AutoModelForCausalLM
-    from workers.save import save_pretrained
+    from weightcast.workers.save import save_pretrained
     want = tmp_path / "hf"
     tied = made != "fresh-untied"
     if made == "from_pretrained":
@@ -249,7 +249,7 @@ def test_module_save_matches_transformers(ref, tmp_path, made: str) -> None:
 
 def test_natural_order_is_transformers_order() -> None:
     from transformers.core_model_loading import dot_natural_key
-    from orchestrator.save_plan import natural_key
+    from weightcast.orchestrator.save_plan import natural_key
     names = ["m.layers.10.w", "m.layers.2.w", "m.shard_11", "m.shard_2", "b", "m.0", "m.x1y", "lm_head.weight",
              "m.layers.2.mlp.experts.10.w", "m.layers.2.mlp.experts.9.w", "m.norm.weight", "m.embed.weight"]
     assert sorted(names, key=natural_key) == sorted(names, key=dot_natural_key)
@@ -257,7 +257,7 @@ def test_natural_order_is_transformers_order() -> None:
 
 def test_single_file_and_plain_dict_with_ties(tmp_path) -> None:
     from safetensors.torch import load_file
-    from workers.save import save_pretrained
+    from weightcast.workers.save import save_pretrained
     tensors = sample_tensors()
     tensors["alias"] = tensors["embed.weight"]  # the same view twice: saved once
     tensors["rows"] = tensors["layers.0.attn.q.weight"][2:5]  # a view into a bigger storage
@@ -271,7 +271,7 @@ def test_single_file_and_plain_dict_with_ties(tmp_path) -> None:
 
 
 def test_replacing_keeps_other_files_and_drops_stale_shards(tmp_path) -> None:
-    from workers.save import save_pretrained
+    from weightcast.workers.save import save_pretrained
     out = tmp_path / "ckpt"
     write_sharded(out, shards=4)
     (out / "tokenizer.json").write_text("{}")
@@ -293,8 +293,8 @@ def test_replacing_keeps_other_files_and_drops_stale_shards(tmp_path) -> None:
 def test_single_process_fault_leaves_a_complete_checkpoint(tmp_path, monkeypatch, exchange: bool, at: str) -> None:
     """A failure at any step (on systems with and without the atomic exchange) leaves the old
     checkpoint complete at the target (the new one once it was swapped in), nothing beside it."""
-    from workers import save_fs
-    from workers.save import save_pretrained
+    from weightcast.workers import save_fs
+    from weightcast.workers.save import save_pretrained
     if not exchange:
         monkeypatch.setattr(save_fs, "_exchange", lambda a, b: False)
     out = tmp_path / "ckpt"
@@ -348,7 +348,7 @@ def test_distributed_round_trip_matches_transformers(ref, tmp_path, monkeypatch,
     again = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(logits(again), logits(model))
     if how == "mixed":  # and with weightcast's own loader
-        from workers.api import load_pretrained
+        from weightcast.workers.api import load_pretrained
         for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
             monkeypatch.delenv(key, raising=False)
         got = load_pretrained(out, model=None)
@@ -436,7 +436,7 @@ def test_cli_resaves_in_place_tensor_parallel_and_cast(ref, tmp_path, capsys) ->
     same bf16 model, the other files of the directory kept."""
     import shutil
     from transformers import AutoModelForCausalLM
-    from launch.cli import main
+    from weightcast.launch.cli import main
     root, model = ref
     work = str(tmp_path / "ckpt")
     shutil.copytree(root, work)
@@ -456,7 +456,7 @@ def test_cli_resaves_in_place_tensor_parallel_and_cast(ref, tmp_path, capsys) ->
 
 
 def test_cli_errors_exit_2(tmp_path, capsys) -> None:
-    from launch.cli import main
+    from weightcast.launch.cli import main
     write_sharded(tmp_path / "src", shards=2)
     assert main(["save", str(tmp_path / "src"), str(tmp_path / "out"), "--max-shard-size", "lots"]) == 2
     assert "max_shard_size" in capsys.readouterr().err

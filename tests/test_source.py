@@ -8,10 +8,10 @@ import ckpt_factory as cf  # sets HF_HUB_OFFLINE before any hub import
 import pytest
 import torch
 
-from orchestrator.checkpoint import load_index
-from orchestrator.errors import (CheckpointNotFoundError, ConfigError, PickleRefusedError,
+from weightcast.orchestrator.checkpoint import load_index
+from weightcast.orchestrator.errors import (CheckpointNotFoundError, ConfigError, PickleRefusedError,
                                  UnsafePathError)
-from orchestrator.source import config_dtype, resolve_source
+from weightcast.orchestrator.source import config_dtype, resolve_source
 
 
 @pytest.fixture(autouse=True)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orchestrator import synth
-from orchestrator.errors import ConfigError
-from orchestrator.synth import parse_size, write_synthetic
+from weightcast.orchestrator import synth
+from weightcast.orchestrator.errors import ConfigError
+from weightcast.orchestrator.synth import parse_size, write_synthetic
 
 
 def _meta_state_shapes(root: str) -> dict[str, tuple[int, ...]]:

@@ -1,4 +1,4 @@
-"""``torchrun ... -m launch.torchrun`` and the torchrun examples, in subprocesses (gloo, CPU)."""
+"""``torchrun ... -m weightcast.launch.torchrun`` and the torchrun examples, in subprocesses (gloo, CPU)."""
 from __future__ import annotations
 
 import json
@@ -56,7 +56,7 @@ def test_verify_and_bytes_read_sum_to_checkpoint(tmp_path, llama: str) -> None:
                            "world": len(report["ranks"])}}, fh)
     """))
     report_path = tmp_path / "report.json"
-    proc = torchrun(["-m", "launch.torchrun", llama, "--verify", "--report", str(report_path),
+    proc = torchrun(["-m", "weightcast.launch.torchrun", llama, "--verify", "--report", str(report_path),
                      "--then", "after_load:record", "--timeout", "60"], extra_path=str(user))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "identical to safetensors" in proc.stdout
@@ -72,7 +72,7 @@ def test_verify_and_bytes_read_sum_to_checkpoint(tmp_path, llama: str) -> None:
 
 
 def test_tp_model_verifies_local_shards(tmp_path, llama: str) -> None:
-    proc = torchrun(["-m", "launch.torchrun", llama, "--model", "auto", "--device-map", "tp",
+    proc = torchrun(["-m", "weightcast.launch.torchrun", llama, "--model", "auto", "--device-map", "tp",
                      "--verify", "--timeout", "60"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "identical to safetensors" in proc.stdout
@@ -82,7 +82,7 @@ def test_load_error_is_exit_2_on_every_rank(tmp_path) -> None:
     write_sharded(tmp_path / "ck", shards=2)
     bad = tmp_path / "ck" / "model-00002-of-00002.safetensors"
     bad.write_bytes(bad.read_bytes()[:-3])  # truncated data region
-    proc = torchrun(["-m", "launch.torchrun", str(tmp_path / "ck"), "--timeout", "30"], timeout=120)
+    proc = torchrun(["-m", "weightcast.launch.torchrun", str(tmp_path / "ck"), "--timeout", "30"], timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("rank 0:") == 1 and proc.stderr.count("rank 1:") == 1, proc.stderr[-3000:]
     assert "truncated" in proc.stderr and "model-00002-of-00002.safetensors" in proc.stderr

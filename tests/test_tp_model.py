@@ -42,8 +42,8 @@ def test_module_styles_follow_the_device_map() -> None:
     import torch
     from torch.distributed.tensor import Replicate as TReplicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-    from orchestrator.device_map import ClusterDeviceMap, Replicate, Shard
-    from workers.tp import module_styles
+    from weightcast.orchestrator.device_map import ClusterDeviceMap, Replicate, Shard
+    from weightcast.workers.tp import module_styles
 
     class Tiny(torch.nn.Module):
         def __init__(self) -> None:

@@ -14,11 +14,11 @@ from typing import Any, Callable
 
 import torch
 
-from orchestrator.errors import ConfigError, LoadError, WeightcastError
-from workers.coordinator import Group, coordinate, gather_facts, setup_group, sync_status, teardown_group
-from workers.execute import Job, execute_plan, plan_on_rank0, resolve_node_local
-from workers.materialize import resolve_dtype
-from workers.report import LoadReport, PhaseClock, gather_reports, memory_now, summary
+from weightcast.orchestrator.errors import ConfigError, LoadError, WeightcastError
+from weightcast.workers.coordinator import Group, coordinate, gather_facts, setup_group, sync_status, teardown_group
+from weightcast.workers.execute import Job, execute_plan, plan_on_rank0, resolve_node_local
+from weightcast.workers.materialize import resolve_dtype
+from weightcast.workers.report import LoadReport, PhaseClock, gather_reports, memory_now, summary
 
 TRANSPORTS = ("auto", "node-shared", "collective")
 

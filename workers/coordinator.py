@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from orchestrator.errors import LoadError, WeightcastError
+from weightcast.orchestrator.errors import LoadError, WeightcastError
 
 
 @dataclass

@@ -11,13 +11,13 @@ from typing import Any, Callable
 
 import torch
 
-from orchestrator.errors import ConfigError
-from orchestrator.planner import owned_of
-from workers.coordinator import Group, abort_phase, sync_status
-from workers.materialize import assign, build_skeleton, cast_tensors, resolve_dtype
-from workers.reader import FileReader
-from workers.report import PhaseClock
-from workers.transfer import TransferStats
+from weightcast.orchestrator.errors import ConfigError
+from weightcast.orchestrator.planner import owned_of
+from weightcast.workers.coordinator import Group, abort_phase, sync_status
+from weightcast.workers.materialize import assign, build_skeleton, cast_tensors, resolve_dtype
+from weightcast.workers.reader import FileReader
+from weightcast.workers.report import PhaseClock
+from weightcast.workers.transfer import TransferStats
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Job:
 
 
 def _cluster(job: Job, facts: list[dict]):
-    from orchestrator.cluster import ClusterSpec, cluster_from_facts, load_cluster
+    from weightcast.orchestrator.cluster import ClusterSpec, cluster_from_facts, load_cluster
     facts = [{k: v for k, v in f.items() if k != "local_source"} for f in facts]
     if job.cluster is None:
         return cluster_from_facts(facts)
@@ -71,7 +71,7 @@ def node_source(job: Job, node: str) -> str:
 def _storage_of(job: Job) -> str:
     if job.cluster is None:
         return "shared"
-    from orchestrator.cluster import ClusterSpec, load_cluster
+    from weightcast.orchestrator.cluster import ClusterSpec, load_cluster
     spec = job.cluster if isinstance(job.cluster, ClusterSpec) else load_cluster(os.fspath(job.cluster))
     return spec.storage
 
@@ -87,7 +87,7 @@ def resolve_node_local(group: Group, job: Job) -> dict | None:
         node_local = False
     if not node_local:
         return None
-    from workers.coordinator import barrier
+    from weightcast.workers.coordinator import barrier
     out: dict = {}
     if group.local_rank == 0:
         out = _resolve_here(job, group.node, offline=job.local_files_only)
@@ -98,7 +98,7 @@ def resolve_node_local(group: Group, job: Job) -> dict | None:
 
 
 def _resolve_here(job: Job, node: str, offline: bool | None) -> dict:
-    from orchestrator.source import resolve_source
+    from weightcast.orchestrator.source import resolve_source
     try:
         src = resolve_source(node_source(job, node), revision=job.revision, cache_dir=job.cache_dir,
                              local_files_only=offline, token=job.token, allow_pickle=job.allow_pickle)
@@ -113,8 +113,8 @@ def _resolve_here(job: Job, node: str, offline: bool | None) -> dict:
 
 def _check_node_copies(facts: list[dict]) -> None:
     """Rank 0, node-local storage: every node must hold the same files (same commit, sizes)."""
-    from orchestrator.cache_doctor import compare_snapshots
-    from orchestrator.errors import StorageError
+    from weightcast.orchestrator.cache_doctor import compare_snapshots
+    from weightcast.orchestrator.errors import StorageError
     per_node: dict[str, dict] = {}
     for f in facts:
         local = f.get("local_source")
@@ -137,10 +137,10 @@ def _transport(job: Job, facts: list[dict]) -> str:
 def plan_on_rank0(job: Job, facts: list[dict], load_id: str) -> dict:
     """Rank 0 only: resolve the source, parse the index, build the device map and the plan.
     Returns the JSON-able payload every rank receives."""
-    from orchestrator.checkpoint import load_index
-    from orchestrator.device_map import build_device_map, device_map_to_json
-    from orchestrator.planner import PlanOptions, plan_load, plan_to_json
-    from orchestrator.source import resolve_source
+    from weightcast.orchestrator.checkpoint import load_index
+    from weightcast.orchestrator.device_map import build_device_map, device_map_to_json
+    from weightcast.orchestrator.planner import PlanOptions, plan_load, plan_to_json
+    from weightcast.orchestrator.source import resolve_source
     if any("local_source" in f for f in facts):
         _check_node_copies(facts)
     src = resolve_source(node_source(job, facts[0]["host"]), revision=job.revision, cache_dir=job.cache_dir,
@@ -170,7 +170,7 @@ def _refuse_remote_code(job: Job, config: dict | None) -> None:
     """Rank 0, before reading any weight: model='auto' with an ``auto_map`` config needs
     ``trust_remote_code=True`` (the same check materialization makes, made before any I/O)."""
     if job.model == "auto" and config and config.get("auto_map") and not job.trust_remote_code:
-        from orchestrator.errors import RemoteCodeRefusedError
+        from weightcast.orchestrator.errors import RemoteCodeRefusedError
         raise RemoteCodeRefusedError("config.json asks for remote code (auto_map)", where="config.json",
                                      got=f"auto_map={config['auto_map']!r}"[:300],
                                      fix="review that code and pass trust_remote_code=True, or pass model=<factory>")
@@ -179,8 +179,8 @@ def _refuse_remote_code(job: Job, config: dict | None) -> None:
 def _check_fits(plan, cluster, index) -> None:
     """Rank 0: refuse a plan in which a rank owns more bytes than its device (host, for CPU)
     memory, before any byte is read (a small sparse file can declare a terabyte tensor)."""
-    from orchestrator.errors import DeviceMapError
-    from orchestrator.planner import rank_owned_bytes
+    from weightcast.orchestrator.errors import DeviceMapError
+    from weightcast.orchestrator.planner import rank_owned_bytes
     specs = {r.rank: r for r in cluster.ranks}
     for rank, owned in enumerate(rank_owned_bytes(plan, {t.name: t.length for t in index.tensors})):
         spec = specs[rank]
@@ -198,8 +198,8 @@ def _check_fits(plan, cluster, index) -> None:
 def checksums_of(index) -> dict[str, list]:
     """Rank 0, ``verify_checksums``: ``{tensor: [file, crc32]}`` from the files' ``__metadata__``
     entries ``weightcast.crc32.<tensor>`` (8 hex digits of zlib.crc32 of the tensor's bytes)."""
-    from orchestrator.errors import ConfigError
-    from workers.reader import CRC_PREFIX
+    from weightcast.orchestrator.errors import ConfigError
+    from weightcast.workers.reader import CRC_PREFIX
     out = {}
     for f in index.files:
         for key, value in f.metadata.items():
@@ -217,7 +217,7 @@ def _check_cache_files(src) -> None:
     if not src.cache_root:
         return
     try:
-        from orchestrator.cache_doctor import check_snapshot_files
+        from weightcast.orchestrator.cache_doctor import check_snapshot_files
     except ImportError:
         return
     check_snapshot_files(src.root, list(src.weight_files))
@@ -251,11 +251,11 @@ def _phase(group: Group, job: Job, clock: PhaseClock, name: str, fn: Callable[[]
 def execute_plan(group: Group, job: Job, payload: dict, device: torch.device, clock: PhaseClock):
     """Every rank: read and move per the plan, then materialize (collective)."""
     if payload["kind"] == "pickle":
-        from workers.pickle_load import load_pickle
+        from weightcast.workers.pickle_load import load_pickle
         tensors = _phase(group, job, clock, "read", lambda: load_pickle(payload, job, group))
         stats, plan = TransferStats(read_bytes=0), None
     else:
-        from orchestrator.planner import plan_from_json
+        from weightcast.orchestrator.planner import plan_from_json
         plan = plan_from_json(payload["plan"].encode())
         tensors, stats = _phase(group, job, clock, "transfer",
                                 lambda: _verified(_move(group, job, payload, plan, device), payload, plan, group.rank),
@@ -268,7 +268,7 @@ def execute_plan(group: Group, job: Job, payload: dict, device: torch.device, cl
 
 def _verified(moved: tuple, payload: dict, plan, rank: int) -> tuple:
     """``verify_checksums``: check every whole tensor this rank owns against the plan's crc32."""
-    from workers.reader import check_crc32
+    from weightcast.workers.reader import check_crc32
     crcs = payload.get("crc32")
     if crcs:
         whole = {o.name for o in owned_of(plan, rank) if o.dim is None}
@@ -279,7 +279,7 @@ def _verified(moved: tuple, payload: dict, plan, rank: int) -> tuple:
 
 
 def _remove_areas(payload: dict) -> None:
-    from workers.staging import remove_areas
+    from weightcast.workers.staging import remove_areas
     remove_areas(payload["load_id"])
 
 
@@ -287,18 +287,18 @@ def _move(group: Group, job: Job, payload: dict, plan, device: torch.device):
     root = payload["root"]
     files = plan.files
     if "local_stamps" in payload:  # node-local copy: this node's own sizes and mtimes
-        from orchestrator.planner import FileStamp
+        from weightcast.orchestrator.planner import FileStamp
         files = tuple(FileStamp(f.name, *payload["local_stamps"].get(f.name, (f.size, f.mtime_ns)))
                       for f in plan.files)
         plan = dataclasses.replace(plan, files=files)
     reader = job.reader_factory(root, files) if job.reader_factory else FileReader(root, files)
     try:
         if payload["transport"] == "node-shared":
-            from workers.staging import reclaim_stale, run_node_shared
+            from weightcast.workers.staging import reclaim_stale, run_node_shared
             if group.local_rank == 0:
                 reclaim_stale()
             return run_node_shared(group, plan, root, reader, payload["load_id"], job.threads, job.progress)
-        from workers.transfer import run_collective
+        from weightcast.workers.transfer import run_collective
         return run_collective(group, plan, reader, device, job.threads)
     finally:
         reader.close()
@@ -321,10 +321,10 @@ def _materialize(group: Group, job: Job, payload: dict, tensors: dict, device: t
     tensors = cast_tensors(tensors, dtype)
     if job.model is None:
         return OwnedTensors(tensors, plan_owned)
-    from orchestrator.device_map import device_map_from_json, hf_device_map
+    from weightcast.orchestrator.device_map import device_map_from_json, hf_device_map
     dm = device_map_from_json(payload["device_map"])
     if dm.strategy == "tp":
-        from workers.tp import materialize_tp
+        from weightcast.workers.tp import materialize_tp
         return materialize_tp(job, payload, tensors, device, group)
     module = build_skeleton(job.model, payload.get("config"), job.trust_remote_code)
     _check_kinds(module, raw)
@@ -344,7 +344,7 @@ def _kind(dtype: torch.dtype) -> str:
 def _check_kinds(module: torch.nn.Module, tensors: dict) -> None:
     """A checkpoint tensor must have the model's kind of dtype (floating point, integer, bool,
     complex): a cast between float widths is fine, an int8 weight for a float parameter is not."""
-    from orchestrator.errors import ModelMismatchError
+    from weightcast.orchestrator.errors import ModelMismatchError
     expected = module.state_dict(keep_vars=True)
     for name, t in tensors.items():
         want = expected.get(name)

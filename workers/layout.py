@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator.planner import Chunk, LoadPlan, Owned
+from weightcast.orchestrator.planner import Chunk, LoadPlan, Owned
 
 _DTYPES: dict[str, torch.dtype] = {}
 
@@ -19,7 +19,7 @@ def torch_dtype(code: str) -> torch.dtype:
     """The torch dtype of a safetensors dtype code (``"BF16"`` -> ``torch.bfloat16``), cached."""
     found = _DTYPES.get(code)
     if found is None:
-        from orchestrator.safetensors_format import torch_dtype as lookup
+        from weightcast.orchestrator.safetensors_format import torch_dtype as lookup
         found = _DTYPES[code] = lookup(code)
     return found
 
@@ -73,13 +73,13 @@ def chunk_region(layout: OwnedLayout, chunk: Chunk) -> tuple[int, int] | None:
 
 
 def owned_by(plan: LoadPlan, rank: int) -> dict[str, OwnedLayout]:
-    from orchestrator.planner import owned_of
+    from weightcast.orchestrator.planner import owned_of
     return {o.name: owned_layout(o) for o in owned_of(plan, rank)}
 
 
 def owners_of(plan: LoadPlan, tensor: str) -> list[Owned]:
     """Every rank's Owned entry of one tensor."""
-    from orchestrator.planner import owned_table
+    from weightcast.orchestrator.planner import owned_table
     table = owned_table(plan)
     return [table._make(row, r) for row in table.rows if row.name == tensor for r in row.ranks]
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from orchestrator.errors import ConfigError, ModelMismatchError, RemoteCodeRefusedError
+from weightcast.orchestrator.errors import ConfigError, ModelMismatchError, RemoteCodeRefusedError
 
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from orchestrator.errors import CheckpointFormatError, ConfigError, PickleRefusedError
+from weightcast.orchestrator.errors import CheckpointFormatError, ConfigError, PickleRefusedError
 
 
 def _load_one(path: str) -> dict:

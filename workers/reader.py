@@ -17,8 +17,8 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Protocol
 
-from orchestrator.errors import StorageError, UnsafePathError
-from orchestrator.planner import FileStamp
+from weightcast.orchestrator.errors import StorageError, UnsafePathError
+from weightcast.orchestrator.planner import FileStamp
 
 MAX_REQUEST = 16 << 20  # one preadv call reads at most this much
 

@@ -10,7 +10,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 
-from workers.coordinator import Group, all_gather_bytes
+from weightcast.workers.coordinator import Group, all_gather_bytes
 
 
 @dataclass

@@ -6,7 +6,7 @@ calls it, each passing what it holds), single-process otherwise. Four steps, eac
 exchange on a gloo group with the call's ``timeout``. A rank whose step fails posts its error
 in the rendezvous store and closes its connections, so every peer fails at once and raises
 that same :class:`LoadError`; a rank that dies or hangs is named by the first rank to notice
-(see :mod:`workers.save_liveness`):
+(see :mod:`weightcast.workers.save_liveness`):
 
 1. collect: every rank describes its tensors (whole, or slices of a tensor-parallel weight);
    the manifests are gathered.
@@ -31,13 +31,13 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from orchestrator.errors import LoadError
-from orchestrator.save_plan import (CONFIG_NAME, INDEX_NAME, SavePlan, manifest_from_json, manifest_to_json,
+from weightcast.orchestrator.errors import LoadError
+from weightcast.orchestrator.save_plan import (CONFIG_NAME, INDEX_NAME, SavePlan, manifest_from_json, manifest_to_json,
                                     plan_from_json, plan_save, plan_to_json)
-from workers import save_fs
-from workers.coordinator import Group, all_gather_bytes, barrier, broadcast_bytes
-from workers.save_collect import Collected, collect, torch_dtype
-from workers.save_liveness import Watch
+from weightcast.workers import save_fs
+from weightcast.workers.coordinator import Group, all_gather_bytes, barrier, broadcast_bytes
+from weightcast.workers.save_collect import Collected, collect, torch_dtype
+from weightcast.workers.save_liveness import Watch
 
 Hook = Callable[[str, str], None]
 SEND_WINDOW = 1 << 30  # bytes copied for sends in flight (GPU or non-contiguous tensors) before waiting
@@ -54,7 +54,7 @@ def save_pretrained(state: dict[str, torch.Tensor] | torch.nn.Module, out_dir: s
     Collective when a default process group is initialised: every rank calls it with what it
     holds; a tensor held by several ranks is written once (by the writer of its file if it
     holds it, else by the lowest rank holding it); slices (``owned`` or ``state.slices``, see
-    :func:`workers.save_collect.collect`; DTensors too) are gathered so files hold full
+    :func:`weightcast.workers.save_collect.collect`; DTensors too) are gathered so files hold full
     tensors. ``order`` optionally names the tensor order of the files (default: each rank's
     own order, merged). ``out_dir`` is replaced atomically if it exists; its non-weight files
     (tokenizer, ...) are kept. Files get mode 0644, directories 0755. Any failure on any rank

@@ -1,6 +1,6 @@
 """What one rank holds for a save: its tensors (whole or slices), the manifest it tells rank 0,
 the save order it knows and the config to write. Local, not collective; called by
-``workers.save.save_pretrained`` on every rank before the plan is made.
+``weightcast.workers.save.save_pretrained`` on every rank before the plan is made.
 
 Tied tensors are saved once: for a ``transformers`` model by transformers' own rule (the
 declared tied key is dropped, e.g. ``lm_head.weight`` under ``tie_word_embeddings``); for
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from orchestrator.errors import ConfigError
-from orchestrator.save_plan import Held, Manifest
+from weightcast.orchestrator.errors import ConfigError
+from weightcast.orchestrator.save_plan import Held, Manifest
 
 
 @dataclass

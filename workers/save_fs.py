@@ -2,7 +2,7 @@
 writes (fsync of files and directories, modes 0644 / 0755), and the commit that replaces the
 target in one step, so a crash at any moment leaves the old or the new checkpoint complete.
 
-Who calls what: ``workers.save`` calls :func:`prepare` on rank 0 while planning,
+Who calls what: ``weightcast.workers.save`` calls :func:`prepare` on rank 0 while planning,
 :func:`write_json` / :func:`fsync_file` on the writing ranks, :func:`commit` on rank 0 after
 every rank wrote its files, and :func:`cleanup` on every surviving rank after a failure.
 
@@ -25,8 +25,8 @@ import shutil
 import uuid
 from typing import Callable
 
-from orchestrator.errors import ConfigError, StorageError
-from orchestrator.save_plan import INDEX_NAME, SavePlan
+from weightcast.orchestrator.errors import ConfigError, StorageError
+from weightcast.orchestrator.save_plan import INDEX_NAME, SavePlan
 
 FILE_MODE = 0o644
 DIR_MODE = 0o755

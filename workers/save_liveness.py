@@ -1,6 +1,6 @@
 """Failing together during a save: one verdict, agreed through the rendezvous store.
 
-Who calls what: ``workers.save`` makes one :class:`Watch` per multi-rank call. Each rank
+Who calls what: ``weightcast.workers.save`` makes one :class:`Watch` per multi-rank call. Each rank
 beats a heartbeat counter in the store while the call runs, and marks each exchange it reaches
 (:meth:`Watch.reached`). A rank whose own step fails posts its error (:meth:`Watch.fail`)
 *before* it closes its connections, so the peers, whose next send, receive or exchange with it

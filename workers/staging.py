@@ -33,12 +33,12 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from orchestrator.planner import Chunk, LoadPlan
-from workers.coordinator import Group, barrier
-from workers.layout import OwnedLayout, local_shape, owned_by, torch_dtype, view_bytes_as
-from orchestrator.errors import StorageError
-from workers.reader import FileReader, ReadPool, StorageReader, check_stamp
-from workers.transfer import TransferStats
+from weightcast.orchestrator.planner import Chunk, LoadPlan
+from weightcast.workers.coordinator import Group, barrier
+from weightcast.workers.layout import OwnedLayout, local_shape, owned_by, torch_dtype, view_bytes_as
+from weightcast.orchestrator.errors import StorageError
+from weightcast.workers.reader import FileReader, ReadPool, StorageReader, check_stamp
+from weightcast.workers.transfer import TransferStats
 
 SHM_DIR = "/dev/shm"
 PREFIX = "weightcast-"

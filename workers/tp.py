@@ -1,7 +1,7 @@
 """Tensor-parallel materialization: a meta skeleton parallelized with torch's tensor-parallel API,
 filled with the loaded local shards as DTensors.
 
-Called by :func:`workers.execute._materialize` on every rank when the device map's strategy is
+Called by :func:`weightcast.workers.execute._materialize` on every rank when the device map's strategy is
 ``tp`` and a model is requested (collective: building the device mesh creates process groups).
 
 Steps: build the skeleton on meta; read each module's style from the device map's placements
@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from orchestrator.device_map import ClusterDeviceMap, Shard, device_map_from_json, shard_bounds
-from orchestrator.errors import ModelMismatchError
-from workers.materialize import build_skeleton, check_keys
+from weightcast.orchestrator.device_map import ClusterDeviceMap, Shard, device_map_from_json, shard_bounds
+from weightcast.orchestrator.errors import ModelMismatchError
+from weightcast.workers.materialize import build_skeleton, check_keys
 
 
 def materialize_tp(job: Any, payload: dict, tensors: dict[str, torch.Tensor], device: torch.device,
@@ -33,7 +33,7 @@ def materialize_tp(job: Any, payload: dict, tensors: dict[str, torch.Tensor], de
     styles = module_styles(module, dm, tied)
     groups = _shard_groups(dm)
     if not styles or not groups or len(groups[0]) == 1:
-        from workers.materialize import assign
+        from weightcast.workers.materialize import assign
         return assign(module, tensors, strict=job.strict, device=device)
     mesh = tp_mesh(groups, device, group.rank)
     from torch.distributed.tensor.parallel import parallelize_module

@@ -18,11 +18,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from orchestrator.planner import Chunk, LoadPlan, ReadItem
-from workers.coordinator import Group
-from workers.layout import (OwnedLayout, byte_view, chunk_region, local_shape, owned_by, owners_of,
+from weightcast.orchestrator.planner import Chunk, LoadPlan, ReadItem
+from weightcast.workers.coordinator import Group
+from weightcast.workers.layout import (OwnedLayout, byte_view, chunk_region, local_shape, owned_by, owners_of,
                             torch_dtype, view_bytes_as)
-from workers.reader import ReadPool, StorageReader
+from weightcast.workers.reader import ReadPool, StorageReader
 
 SCRATCH_BYTES = 16 << 20
 

@@ -3,7 +3,7 @@
 
 ``emu-1g`` (the default, ~1 GB in 5 shards: a sweep of 2 and 4 nodes stays within minutes) is
 written here with ``safetensors.torch.save_file``; ``tiny`` (~0.3 MB, for the tests) and
-``llama-1b`` (~2.5 GB, the Llama-3.2-1B shape) come from :func:`orchestrator.synth.write_synthetic`.
+``llama-1b`` (~2.5 GB, the Llama-3.2-1B shape) come from :func:`weightcast.orchestrator.synth.write_synthetic`.
 Called by the harness and the tests, single process. An existing complete checkpoint is reused.
 """
 from __future__ import annotations
@@ -32,10 +32,10 @@ def make_checkpoint(out_dir: str, like: str = "emu-1g", seed: int = 0) -> str:
     if os.path.lexists(out_dir):
         shutil.rmtree(out_dir)
     if like in SYNTH:
-        from orchestrator.synth import write_synthetic
+        from weightcast.orchestrator.synth import write_synthetic
         write_synthetic(out_dir, like=like, random=True, seed=seed, max_shard_size="500MB")
     elif like in SHAPES:
-        from orchestrator.synth import LlamaShape
+        from weightcast.orchestrator.synth import LlamaShape
         _write_random(out_dir, LlamaShape(**SHAPES[like]), seed)
     else:
         raise ValueError(f"unknown checkpoint {like!r}: one of {sorted(SHAPES) + list(SYNTH)}")
@@ -48,7 +48,7 @@ def _write_random(out_dir: str, shape, seed: int) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from orchestrator.synth import llama_config, llama_tensors, split_shards
+    from weightcast.orchestrator.synth import llama_config, llama_tensors, split_shards
     shapes = dict(llama_tensors(shape))
     sizes = [(name, _numel(s) * 2) for name, s in shapes.items()]
     shards = split_shards(sizes, MAX_SHARD)

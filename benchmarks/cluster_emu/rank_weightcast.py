@@ -1,4 +1,4 @@
-"""weightcast, one rank: ``workers.api.load_pretrained`` (state dict of what this rank owns),
+"""weightcast, one rank: ``weightcast.workers.api.load_pretrained`` (state dict of what this rank owns),
 every tensor page touched.
 
 Run by torchrun inside an emulated node (:mod:`benchmarks.cluster_emu.run`); the node name each
@@ -18,7 +18,7 @@ def _options(p: argparse.ArgumentParser) -> None:
 
 
 def load(source: str, args: argparse.Namespace) -> tuple[Any, dict]:
-    from workers.api import load_pretrained
+    from weightcast.workers.api import load_pretrained
     state, report = load_pretrained(source, device_map=args.device_map, cluster=args.cluster,
                                     model=None, return_report=True, progress=False,
                                     timeout=args.timeout)

@@ -21,7 +21,7 @@ def predict(src: str, cluster_yaml: str, device_map: str, timeout: float = 180) 
     """``weightcast plan SRC --cluster YAML --device-map M --simulate --json`` ->
     ``{"predicted_s", "lower_bound_s", "bound_by"}``, or ``{"error": why}`` when the command is
     missing or fails (the sweep goes on without a prediction)."""
-    cmd = [sys.executable, "-m", "launch.cli", "plan", src, "--cluster", cluster_yaml,
+    cmd = [sys.executable, "-m", "weightcast.launch.cli", "plan", src, "--cluster", cluster_yaml,
            "--device-map", device_map, "--simulate", "--json"]
     try:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,

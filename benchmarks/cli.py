@@ -1,10 +1,10 @@
-"""``weightcast bench``: the single-machine benchmark suite (``make bench`` runs the default).
+"""``python -m benchmarks``: the single-machine benchmark suite (``make bench`` runs the default).
 
 Loads a ~2.5 GB random bf16 Llama and the real all-MiniLM-L6-v2 on N = 1, 2, 4 local ranks with
 weightcast and its peers, warm and cold, and writes the results JSON, PNG plots and the tables
 of BENCHMARKS.md (between its markers). ``--quick`` is a few-minute smoke run of the same
 harness on small checkpoints; ``--gpu`` adds the CUDA figures where a GPU exists. See
-:mod:`benchmarks.bench`.
+:mod:`benchmarks.bench`. The installed ``weightcast bench`` runs this module from a checkout.
 """
 from __future__ import annotations
 
@@ -46,17 +46,16 @@ def _command() -> str:
     args = sys.argv[1:]
     if args and args[0] == "bench":
         args = args[1:]
-    return " ".join(["weightcast", "bench", *(shlex.quote(a) for a in args)])
+    return " ".join(["python", "-m", "benchmarks", *(shlex.quote(a) for a in args)])
 
 
 def options_from_args(args: argparse.Namespace):
     """The suite Options the flags describe."""
     from dataclasses import replace
-    _import_benchmarks()
 
     from benchmarks.bench import Options, quick_options
     from benchmarks.loaders import LOADERS
-    from orchestrator.errors import ConfigError
+    from weightcast.orchestrator.errors import ConfigError
     opts = quick_options(out=args.out) if args.quick else Options(out=args.out)
     changes: dict = {"gpu": args.gpu, "quiet": args.quiet, "json_path": args.json,
                      "command": _command()}
@@ -90,20 +89,10 @@ def options_from_args(args: argparse.Namespace):
     return replace(opts, **changes)
 
 
-def _import_benchmarks() -> None:
-    """``benchmarks/`` lives beside ``launch/`` in the repository and is not an installed
-    package: make it importable when the console script runs from elsewhere."""
-    import importlib.util
-    import os
-    if importlib.util.find_spec("benchmarks") is None:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 def run_bench(args: argparse.Namespace) -> int:
     import signal
     # SIGTERM unwinds like Ctrl-C, so the running torchrun job is stopped, not orphaned
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    _import_benchmarks()
     from benchmarks.bench import run_suite, write_outputs
     opts = options_from_args(args)
     suite = run_suite(opts)
@@ -114,3 +103,20 @@ def run_bench(args: argparse.Namespace) -> int:
     for what, path in written.items():
         print(f"  {what}: {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks [options]``: errors print without a traceback and exit 2."""
+    from weightcast.orchestrator.errors import WeightcastError
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    register(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv if argv[:1] == ["bench"] else ["bench", *argv])
+    try:
+        return int(args.func(args) or 0)
+    except WeightcastError as exc:
+        print(f"python -m benchmarks: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("python -m benchmarks: interrupted", file=sys.stderr)
+        return 130
