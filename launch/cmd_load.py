@@ -52,8 +52,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=run_demo)
 
 
+def check_cli_options(args: argparse.Namespace) -> None:
+    """The numeric options of ``load``/``save``/``torchrun`` (ConfigError: the CLI exits 2)."""
+    from weightcast.orchestrator.options import MAX_THREADS, check_count, check_timeout
+    check_timeout(args.timeout, "--timeout")
+    if getattr(args, "threads", None) is not None:
+        check_count(args.threads, "--threads", maximum=MAX_THREADS, fix="pass 1 to 16 read threads per rank")
+    if getattr(args, "tp_size", None) is not None:
+        check_count(args.tp_size, "--tp-size", fix="pass the ranks per tensor-parallel group, or leave it out")
+
+
 def run_load(args: argparse.Namespace) -> int:
-    from weightcast.launch.local import spawn
+    from weightcast.launch.local import check_nproc, spawn
+    check_nproc(args.nproc)
+    check_cli_options(args)
     from weightcast.workers.report import LoadReport, format_table, plot_timeline
     results = spawn(args.nproc, "weightcast.launch.jobs:load_job", job_args(args), timeout=args.timeout + 120)
     rank0 = results[0].value
@@ -79,6 +91,8 @@ def run_load(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     from weightcast.launch.cmd_plan import run_plan
+    from weightcast.launch.local import check_nproc
+    check_nproc(args.nproc)
     from weightcast.orchestrator.synth import write_synthetic
     if not os.path.exists(os.path.join(args.dir, "config.json")):
         write_synthetic(args.dir, like="tiny", random=True, max_shard_size="200KB")

@@ -29,8 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_save(args: argparse.Namespace) -> int:
-    from weightcast.launch.local import spawn
+    from weightcast.launch.cmd_load import check_cli_options
+    from weightcast.launch.local import check_nproc, spawn
     from weightcast.orchestrator.save_plan import parse_shard_size
+    check_nproc(args.nproc)
+    check_cli_options(args)
     parse_shard_size(args.max_shard_size)  # a bad size fails here, before any rank starts
     job = {"source": args.source, "out": args.out, "max_shard_size": args.max_shard_size, "dtype": args.dtype,
            "device_map": args.device_map, "tp_size": args.tp_size, "revision": args.revision,

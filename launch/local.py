@@ -1,17 +1,23 @@
 """Spawn N local ranks with the torchrun environment (tests, the demo, one machine).
 
-:func:`spawn` starts ``python -m weightcast.launch.local RANK_FN ARGS_JSON`` once per rank with MASTER_ADDR,
-MASTER_PORT, RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE set (and WEIGHTCAST_NODE when node
-names are given, to emulate several nodes on one machine). Each rank calls
-``module:function(args)`` and writes its JSON-able return value to a result file. The parent
-waits with a deadline: a rank that fails, hangs or dies makes :func:`spawn` kill the others and
-raise, so nothing is left behind.
+:func:`spawn` starts ``python -m weightcast.launch.local RANK_FN ARGS_JSON OUT PHASE`` once per rank
+with MASTER_ADDR, MASTER_PORT, RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE set (and
+WEIGHTCAST_NODE when node names are given, to emulate several nodes on one machine). Each rank
+calls ``module:function(args)``, writes its JSON-able return value to a result file, and keeps its
+current phase (``start-up``, ``plan``, ``transfer``, ``materialize``...) in a phase file.
+
+The parent reaps every child as it exits. The first rank that dies or fails is noticed at once
+(within :data:`POLL_S`); the others get ``grace`` seconds to fail by themselves (they detect the
+lost peer and clean up), then are stopped (SIGTERM, then SIGKILL). The error names the first
+rank that failed, its exit status or signal and its last phase. Nothing is left behind: no
+process, no ``$TMPDIR/weightcast-spawn-*`` directory, no staging area of a killed rank.
 """
 from __future__ import annotations
 
 import importlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +26,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from weightcast.orchestrator.errors import LoadError
+from weightcast.orchestrator.errors import ConfigError, LoadError
+
+POLL_S = 0.02
+"""How often the parent looks at its children."""
 
 
 def free_port() -> int:
@@ -29,12 +38,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def max_local_ranks() -> int:
+    """The most local ranks :func:`spawn` starts: 4 per CPU core (at least 8), at most 1024."""
+    return min(1024, max(8, 4 * (os.cpu_count() or 1)))
+
+
+def check_nproc(nproc: object, what: str = "--nproc") -> int:
+    """``nproc`` as an int in 1..:func:`max_local_ranks`, else ConfigError naming ``what``."""
+    limit = max_local_ranks()
+    if type(nproc) is not int or not 1 <= nproc <= limit:
+        raise ConfigError(f"Invalid number of local ranks {what}", expected=f"an integer from 1 to {limit} "
+                          f"(4 per CPU core on this machine, {os.cpu_count()} cores)", got=repr(nproc),
+                          fix="pass a smaller --nproc; use torchrun or Ray to run more ranks across machines")
+    return nproc
+
+
 @dataclass
 class RankResult:
+    """One rank's end: ``returncode`` (negative: killed by that signal), its return value (None if
+    it wrote none), its stderr, its last phase, and whether the launcher itself stopped it."""
     rank: int
     returncode: int
     value: object
     stderr: str
+    phase: str = ""
+    stopped: bool = False
 
 
 def rank_env(rank: int, world: int, port: int, nodes: list[str] | None, base: dict | None = None) -> dict[str, str]:
@@ -51,65 +79,160 @@ def rank_env(rank: int, world: int, port: int, nodes: list[str] | None, base: di
 
 
 def spawn(nproc: int, fn: str, args: dict, *, timeout: float = 600.0, nodes: list[str] | None = None,
-          env: dict | None = None, check: bool = True) -> list[RankResult]:
+          env: dict | None = None, check: bool = True, grace: float = 3.0) -> list[RankResult]:
     """Run ``fn`` (``"module:function"``) on ``nproc`` local ranks; return every rank's result.
 
-    With ``check`` a failing rank raises LoadError carrying its stderr tail.
+    Called by one process (the CLI, a test). ``timeout``: seconds for the whole job; ``grace``:
+    seconds the other ranks get to end by themselves after the first failure. With ``check`` a
+    failure raises: the rank's own WeightcastError when it reported one, else a LoadError naming
+    the first rank that died, its signal or exit status and its last phase, with its stderr tail.
     """
-    port = free_port()
+    check_nproc(nproc, "nproc")
+    if nodes is not None and len(nodes) != nproc:
+        raise ConfigError("One node name per rank is needed", expected=f"{nproc} names", got=len(nodes))
     tmp = tempfile.mkdtemp(prefix="weightcast-spawn-")
-    procs, errs = [], []
-    for rank in range(nproc):
-        out = os.path.join(tmp, f"rank{rank}.json")
-        err = open(os.path.join(tmp, f"rank{rank}.err"), "w+")
-        cmd = [sys.executable, "-m", "weightcast.launch.local", fn, json.dumps(args), out]
-        procs.append(subprocess.Popen(cmd, env=rank_env(rank, nproc, port, nodes, env), stderr=err,
-                                      start_new_session=True))
-        errs.append(err)
+    procs: list[subprocess.Popen] = []
     try:
-        _wait(procs, timeout)
+        port = free_port()
+        for rank in range(nproc):
+            procs.append(_start(tmp, rank, fn, args, rank_env(rank, nproc, port, nodes, env)))
+        stopped = _wait(procs, timeout, grace)
+        results = [_result(tmp, rank, p, rank in stopped) for rank, p in enumerate(procs)]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    results = []
-    for rank, (p, err) in enumerate(zip(procs, errs)):
-        err.seek(0)
-        text = err.read()
-        err.close()
-        path = os.path.join(tmp, f"rank{rank}.json")
-        value = json.load(open(path)) if os.path.exists(path) else None
-        results.append(RankResult(rank, p.returncode, value, text))
+        _stop(procs)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if any(r.returncode < 0 for r in results):
+        _reclaim_staging()  # areas a killed rank held: no live process holds them any more
     if check:
-        bad = [r for r in results if r.returncode != 0]
-        if bad:
-            r = bad[0]
-            if isinstance(r.value, dict) and "error" in r.value:
-                raise LoadError.from_message(r.value["type"], r.value["error"])
-            raise LoadError(f"Rank {r.rank} of the local job failed (exit status {r.returncode})",
-                            where=f"local rank {r.rank}", got=r.stderr.strip()[-3000:] or "no output")
+        _raise_first_failure(results)
     return results
 
 
-def _wait(procs: list[subprocess.Popen], timeout: float) -> None:
-    """Wait for every rank; after the first failure the others get a grace period, then die."""
+def _start(tmp: str, rank: int, fn: str, args: dict, env: dict[str, str]) -> subprocess.Popen:
+    out, phase = os.path.join(tmp, f"rank{rank}.json"), os.path.join(tmp, f"rank{rank}.phase")
+    with open(os.path.join(tmp, f"rank{rank}.err"), "w") as err:
+        cmd = [sys.executable, "-m", "weightcast.launch.local", fn, json.dumps(args), out, phase]
+        return subprocess.Popen(cmd, env=env, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait(procs: list[subprocess.Popen], timeout: float, grace: float) -> set[int]:
+    """Reap the ranks as they exit. After the first failure (or at ``timeout``) the others get
+    ``grace`` seconds (none at the timeout), then are stopped; -> the ranks stopped here."""
     deadline = time.monotonic() + timeout
-    while any(p.poll() is None for p in procs):
-        if time.monotonic() > deadline:
-            return
-        if any(p.returncode not in (None, 0) for p in procs):
-            deadline = min(deadline, time.monotonic() + 30)
-        time.sleep(0.05)
+    failed = False
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            return set()
+        now = time.monotonic()
+        if not failed and any(c not in (None, 0) for c in codes):
+            failed, deadline = True, min(deadline, now + grace)
+        if now >= deadline:
+            alive = {r for r, c in enumerate(codes) if c is None}
+            _stop(procs)
+            return alive
+        time.sleep(POLL_S)
+
+
+def _stop(procs: list[subprocess.Popen], term_s: float = 1.0) -> None:
+    """SIGTERM every live rank's process group, SIGKILL what is left after ``term_s``, reap all."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        live = [p for p in procs if p.poll() is None]
+        for p in live:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + term_s
+        while any(p.poll() is None for p in live) and time.monotonic() < end:
+            time.sleep(POLL_S)
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a process SIGKILL cannot end (D state)
+            pass
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
+def _result(tmp: str, rank: int, p: subprocess.Popen, stopped: bool) -> RankResult:
+    text = _read(os.path.join(tmp, f"rank{rank}.json"))
+    value = json.loads(text) if text else None
+    code = p.returncode if p.returncode is not None else -signal.SIGKILL
+    return RankResult(rank, code, value, _read(os.path.join(tmp, f"rank{rank}.err")),
+                      _read(os.path.join(tmp, f"rank{rank}.phase")).strip() or "start-up", stopped)
+
+
+def describe_exit(code: int) -> str:
+    """``killed by SIGKILL`` / ``exit status 2``."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _raise_first_failure(results: list[RankResult]) -> None:
+    """Raise for the rank to blame: one killed by a signal the launcher did not send, else the
+    first that reported an error, else the first that exited non-zero."""
+    bad = [r for r in results if r.returncode != 0 and not r.stopped]
+    if not bad:
+        bad = [r for r in results if r.returncode != 0]
+    if not bad:
+        return
+    killed = [r for r in bad if r.returncode < 0]
+    reported = [r for r in bad if isinstance(r.value, dict) and "error" in r.value]
+    if reported and not killed:
+        raise LoadError.from_message(reported[0].value["type"], reported[0].value["error"])
+    r = (killed or bad)[0]
+    others = [o.rank for o in results if o.stopped]
+    tail = f"; ranks {others} were then stopped" if others else ""
+    raise LoadError(f"Rank {r.rank} of the local job was {describe_exit(r.returncode)} during {r.phase}{tail}",
+                    where=f"local rank {r.rank}, last phase {r.phase}",
+                    got=r.stderr.strip()[-3000:] or "no output",
+                    fix="see the rank's output above; a SIGKILL is often the out-of-memory killer (dmesg)")
+
+
+def _reclaim_staging() -> None:
+    try:
+        from weightcast.workers.staging import reclaim_stale
+        reclaim_stale()
+    except (ImportError, OSError):  # pragma: no cover - staging unavailable here
+        pass
+
+
+def _phase_writer(path: str):
+    """A listener writing each phase name to ``path`` (read by the parent when the rank dies)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def write(phase: str) -> None:
+        data = phase.encode()[:200]
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    return write
 
 
 def _main(argv: list[str]) -> int:
     from weightcast.orchestrator.errors import WeightcastError
+    from weightcast.workers.report import on_phase
     fn, args, out = argv[0], json.loads(argv[1]), argv[2]
+    if len(argv) > 3:
+        write = _phase_writer(argv[3])
+        write("start-up")
+        on_phase(write)
     module, name = fn.split(":")
     status = 0
     try:
         value = getattr(importlib.import_module(module), name)(args)
+        if len(argv) > 3:
+            write("exit")
     except WeightcastError as exc:  # the same clear error on every rank: no traceback
         print(f"rank {os.environ.get('RANK')}: {type(exc).__name__}: {exc}", file=sys.stderr)
         value, status = {"error": str(exc), "type": type(exc).__name__}, 2

@@ -181,9 +181,10 @@ def _shutdown() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from weightcast.launch.cmd_load import job_args
+    from weightcast.launch.cmd_load import check_cli_options, job_args
     ns = build_parser().parse_args(argv)
     try:
+        check_cli_options(ns)
         return run(job_args(ns), ns.then, ns.report, ns.quiet)
     except WeightcastError as exc:
         print(f"rank {os.environ.get('RANK', '0')}: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -196,8 +196,11 @@ def reader_factory(root: str, stamps: Any) -> FaultReader:
 
 
 def timed_load_job(args: dict) -> dict:
-    """``weightcast.launch.jobs.load_job`` that records when this rank's error was raised (``WC_MARK``)."""
+    """``weightcast.launch.jobs.load_job`` that records when this rank's error was raised (``WC_MARK``).
+    ``WC_KILL_AT_START=rank``: that rank SIGKILLs itself first, before joining the process group."""
     from weightcast.launch.jobs import load_job
+    if os.environ.get("WC_KILL_AT_START") == os.environ.get("RANK"):
+        die(int(os.environ["RANK"]))
     try:
         return load_job(args)
     except BaseException:

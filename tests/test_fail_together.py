@@ -133,7 +133,7 @@ def test_kill_in_real_processes_node_shared_leaves_no_staging(ckpt, tmp_path, re
                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     args = {"source": ckpt, "timeout": TIMEOUT, "transport": "node-shared", "chunk_bytes": 128,
             "phase_hook": "tests.faults:phase_hook", "reader_factory": "tests.faults:reader_factory"}
-    results = spawn(3, "tests.faults:timed_load_job", args, nodes=["a", "b", "b"], env=env, check=False,
+    results = spawn(3, "tests.faults:timed_load_job", args, nodes=["a", "b", "b"], env=env, check=False, grace=30,
                     timeout=120)
     returned = time.time()
     death = _death(tmp_path)

@@ -367,7 +367,7 @@ def test_rank_killed_mid_save(ref, tmp_path, rank: int, at: str) -> None:
     before = digest(out)
     args = save_args(root, llama_order(model), out, fault_rank=rank, fault_at=at, timeout=10)
     t0 = time.time()
-    results = spawn(3, "tests.test_save:rank_save", args, timeout=120, check=False)
+    results = spawn(3, "tests.test_save:rank_save", args, timeout=120, check=False, grace=30)
     assert results[rank].returncode == -signal.SIGKILL
     killed_at = float(open(out + f".killed-{rank}").read())
     os.remove(out + f".killed-{rank}")
@@ -396,7 +396,7 @@ def test_rank_stuck_past_the_timeout(ref, tmp_path) -> None:
     write_sharded(out, shards=2)
     before = digest(out)
     args = save_args(root, llama_order(model), out, fault_rank=1, fault_at="wrote", fault="hang", timeout=5)
-    results = spawn(3, "tests.test_save:rank_save", args, timeout=120, check=False)
+    results = spawn(3, "tests.test_save:rank_save", args, timeout=120, check=False, grace=30)
     assert results[1].returncode == 3
     for r in (results[0], results[2]):
         assert r.value["ok"] is False and "rank 1 did not finish in time (still running)" in r.value["error"]

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from weightcast.orchestrator.errors import ConfigError, LoadError, WeightcastError
+from weightcast.orchestrator.options import check_load_options
 from weightcast.workers.coordinator import Group, coordinate, gather_facts, setup_group, sync_status, teardown_group
 from weightcast.workers.execute import Job, execute_plan, plan_on_rank0, resolve_node_local
 from weightcast.workers.materialize import resolve_dtype
@@ -56,6 +57,7 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
             raise ConfigError("Both dtype and torch_dtype were given", expected="one of them",
                               got=f"dtype={dtype!r}, torch_dtype={torch_dtype!r}", fix="pass only dtype")
         dtype = torch_dtype
+    check_load_options(timeout=timeout, bucket_bytes=bucket_bytes, chunk_bytes=chunk_bytes, threads=threads)
     if transport not in TRANSPORTS:
         raise ConfigError("Unknown transport", expected=f"one of {TRANSPORTS}", got=repr(transport))
     job = Job(source=source, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,

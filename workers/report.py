@@ -9,6 +9,7 @@ import json
 import resource
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 from weightcast.workers.coordinator import Group, all_gather_bytes
 
@@ -37,8 +38,18 @@ class LoadReport:
         return self.owned_bytes / self.seconds / 1e9 if self.seconds else 0.0
 
 
+_PHASE_LISTENERS: list[Callable[[str], None]] = []
+
+
+def on_phase(listener: Callable[[str], None]) -> None:
+    """Call ``listener(name)`` whenever a load of this process starts a phase (a launcher uses it
+    to name the phase a rank died in). Not collective; process-wide."""
+    _PHASE_LISTENERS.append(listener)
+
+
 class PhaseClock:
-    """Records [start, end] of named phases relative to the load's start."""
+    """Records [start, end] of named phases relative to the load's start (and tells the
+    :func:`on_phase` listeners)."""
 
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
@@ -46,6 +57,8 @@ class PhaseClock:
 
     def start(self, name: str) -> None:
         self.phases[name] = [time.perf_counter() - self.t0, 0.0]
+        for listener in _PHASE_LISTENERS:
+            listener(name)
 
     def stop(self, name: str) -> None:
         self.phases[name][1] = time.perf_counter() - self.t0

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from weightcast.orchestrator.errors import LoadError
+from weightcast.orchestrator.options import check_timeout
 from weightcast.orchestrator.save_plan import (CONFIG_NAME, INDEX_NAME, SavePlan, manifest_from_json, manifest_to_json,
                                     plan_from_json, plan_save, plan_to_json)
 from weightcast.workers import save_fs
@@ -61,6 +62,7 @@ def save_pretrained(state: dict[str, torch.Tensor] | torch.nn.Module, out_dir: s
     raises LoadError on every rank within ``timeout`` seconds and leaves ``out_dir`` as it was.
     ``_fault_hook(event, detail)`` is called at each step (tests inject faults through it).
     """
+    check_timeout(timeout)
     group = _open_group(timeout)
     _CALLS[0] += group.world_size > 1
     watch = Watch(group.rank, group.world_size, group.node, _CALLS[0])
