@@ -10,7 +10,8 @@
 collectively; the map then travels to every rank as JSON (:func:`device_map_to_json`), where
 :func:`hf_device_map` gives each rank its transformers-style ``device_map``. Strategies:
 ``replicate``, ``auto`` / ``balanced`` / ``sequential`` (:mod:`weightcast.orchestrator.device_map_auto`),
-``tp`` (:mod:`weightcast.orchestrator.device_map_tp`), an explicit ``{module prefix: placement}`` dict, a
+``tp`` (:mod:`weightcast.orchestrator.device_map_tp`), ``fsdp`` (dim-0 shards as FSDP2 cuts them,
+:mod:`weightcast.orchestrator.device_map_fsdp`), an explicit ``{module prefix: placement}`` dict, a
 JSON file, or an existing :class:`ClusterDeviceMap`.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from weightcast.orchestrator.checkpoint import CheckpointIndex
     from weightcast.orchestrator.cluster import ClusterSpec
 
-STRATEGIES = ("replicate", "auto", "balanced", "sequential", "tp")
+STRATEGIES = ("replicate", "auto", "balanced", "sequential", "tp", "fsdp")
 JSON_FORMAT = "weightcast.device_map"
 _DEVICE_RE = re.compile(r"cpu|disk|cuda:(0|[1-9][0-9]*)")
 
@@ -122,6 +123,9 @@ def build_device_map(index: "CheckpointIndex", cluster: "ClusterSpec",
     elif strategy == "replicate":
         everyone = Replicate(tuple(range(cluster.world_size)))
         dm = ClusterDeviceMap({n: everyone for n in index.names}, "replicate", tied=tied_groups)
+    elif strategy == "fsdp":
+        from weightcast.orchestrator.device_map_fsdp import fsdp_map
+        dm = fsdp_map(index, cluster, tied_groups)
     elif strategy == "tp":
         dm = device_map_tp.tp_map(index, cluster, tp_size=tp_size, tp_plan=tp_plan,
                                   config=config, tied=tied_groups)

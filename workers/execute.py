@@ -326,6 +326,9 @@ def _materialize(group: Group, job: Job, payload: dict, tensors: dict, device: t
     if dm.strategy == "tp":
         from weightcast.workers.tp import materialize_tp
         return materialize_tp(job, payload, tensors, device, group)
+    if dm.strategy == "fsdp":
+        from weightcast.workers.fsdp import materialize_fsdp
+        return materialize_fsdp(job, payload, tensors, device, group)
     module = build_skeleton(job.model, payload.get("config"), job.trust_remote_code)
     _check_kinds(module, raw)
     whole_model = dm.strategy == "replicate"
