@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "how they move, for a cluster and a device map.")
     p.add_argument("source", metavar="SOURCE", help="directory, .safetensors file or org/name")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--cluster", metavar="FILE.yaml", help="cluster spec (cluster_configs/)")
+    where.add_argument("--cluster", metavar="FILE.yaml",
+                       help="cluster spec: a YAML file or a shipped name (e.g. 16x8-h100)")
     where.add_argument("--nodes", type=int, help="N identical nodes (with --gpus-per-node or "
                        "--cpus-per-node)")
     p.add_argument("--gpus-per-node", type=int, help="GPU ranks per node (cuda:0..G-1)")

@@ -245,16 +245,22 @@ def _check_keys(data: Mapping[str, Any], allowed: Sequence[str], where: str) -> 
 # ---------------------------------------------------------------- YAML / dict
 
 def load_cluster(path: str | os.PathLike) -> ClusterSpec:
-    """Read and validate a cluster YAML file (see the module docstring for the schema)."""
+    """Read and validate a cluster YAML file (see the module docstring for the schema).
+
+    ``path`` that is not an existing file may name a configuration shipped with weightcast
+    (``16x8-h100`` or ``16x8-h100.yaml``, :mod:`weightcast.cluster_configs`)."""
     import yaml
 
-    where = os.fspath(path)
+    where = _shipped_or_path(os.fspath(path))
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(where, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
+        from weightcast import cluster_configs
         raise ConfigError("Cluster file not found", where=where,
-                          fix="pass a file from cluster_configs/ or use --nodes/--gpus-per-node")
+                          expected="a cluster YAML file or the name of a shipped one: "
+                                   + ", ".join(cluster_configs.names()),
+                          fix="pass an existing file, a shipped name, or use --nodes/--gpus-per-node")
     except yaml.YAMLError as exc:
         raise ConfigError("Cluster file is not valid YAML", where=where,
                           got=" ".join(str(exc).split())) from None
@@ -262,6 +268,14 @@ def load_cluster(path: str | os.PathLike) -> ClusterSpec:
         raise ConfigError("Cluster file is empty", where=where)
     stem = os.path.splitext(os.path.basename(where))[0]
     return cluster_from_dict(data, where=where, default_name=stem)
+
+
+def _shipped_or_path(where: str) -> str:
+    """``where`` itself when it is a file, else the shipped configuration of that name if any."""
+    if os.path.isfile(where):
+        return where
+    from weightcast import cluster_configs
+    return cluster_configs.path(where) or where
 
 
 def cluster_from_dict(data: Mapping[str, Any], *, where: str = "cluster",

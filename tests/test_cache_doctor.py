@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import unprivileged
 from hfcache_factory import (HFCache, build_hf_cache, corrupt_blob, default_files, git_blob_sha1,
                              make_absolute_link, make_dangling, make_plain_copy, make_text_link,
                              sha256_hex, tiny_safetensors, write_ref)
@@ -283,12 +284,21 @@ def test_unreadable_by_others_is_a_warning_fixed_by_chmod(cache, capsys):
     assert repair_cli(capsys, cache, "--chmod") == (0, "nothing to repair\n")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
-def test_unreadable_by_this_user_blocks(cache):
-    os.chmod(cache.blob_path(MODEL), 0o000)
-    assert statuses(cache)[MODEL] == "unreadable"
-    with pytest.raises(CacheError, match="cannot read"):
-        doctor.check_snapshot_files(cache.snapshot_dir, [MODEL])
+def test_unreadable_by_this_user_blocks():
+    """Run as an ordinary user (under root: a throw-away one, see tests/unprivileged.py)."""
+    with unprivileged.shared_tmpdir() as top:
+        cache = build_hf_cache(os.path.join(top, "hub"))
+        os.chmod(cache.blob_path(MODEL), 0o000)
+
+        def check() -> tuple[int, dict[str, str], str]:
+            with pytest.raises(CacheError, match="cannot read") as exc:
+                doctor.check_snapshot_files(cache.snapshot_dir, [MODEL])
+            return os.geteuid(), statuses(cache), str(exc.value)
+
+        uid, found, message = unprivileged.as_unprivileged(check)
+    assert uid != 0
+    assert found[MODEL] == "unreadable" and found["config.json"] == "ok", found
+    assert MODEL in message and "Fix:" in message, message
 
 
 # --- refs --------------------------------------------------------------------------------------

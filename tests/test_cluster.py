@@ -115,9 +115,22 @@ def test_bad_yaml_catalogue(tmp_path, text, words):
         assert word in str(exc.value), (word, str(exc.value))
 
 
-def test_missing_file_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="not found"):
-        load_cluster(tmp_path / "nope.yaml")
+def test_missing_file_is_a_config_error_listing_the_shipped_names(tmp_path):
+    for missing in (tmp_path / "nope.yaml", "16x8-a100", "cluster_configs/16x8-h100"):
+        with pytest.raises(ConfigError, match="not found") as exc:
+            load_cluster(missing)
+        assert "16x8-h100, 1x8-h100" in str(exc.value) and "Fix:" in str(exc.value)
+
+
+def test_shipped_configs_are_found_by_name(tmp_path, monkeypatch):
+    """A name that is not an existing file is looked up among the shipped configurations
+    (as ``weightcast plan --cluster 16x8-h100`` does outside a checkout); a file wins."""
+    monkeypatch.chdir(tmp_path)
+    by_file = load_cluster(CONFIGS / "16x8-h100.yaml")
+    assert load_cluster("16x8-h100") == by_file == load_cluster("16x8-h100.yaml")
+    (tmp_path / "16x8-h100.yaml").write_text("nodes: {count: 1, ranks_per_node: 2, host_memory: 8GiB}\n")
+    assert load_cluster("16x8-h100.yaml").world_size == 2
+    assert load_cluster("16x8-h100").world_size == 128
 
 
 def test_count_form_and_cpu_defaults(tmp_path):
