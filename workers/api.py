@@ -32,7 +32,7 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
                     trust_remote_code: bool = False, strict: bool = True, timeout: float = 300.0,
                     bucket_bytes: int = 256 << 20, chunk_bytes: int = 64 << 20, threads: int = 4,
                     progress: bool = True, return_report: bool = False, report_memory: bool = True,
-                    verify_checksums: bool = False,
+                    verify_checksums: bool = False, key_mapping: dict | None = None,
                     reader_factory: Callable | None = None,
                     phase_hook: Callable[[str, int], None] | None = None) -> Any:
     """Load ``source`` onto every rank of the job; returns this rank's model (or state dict).
@@ -43,6 +43,8 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
     ``device_map``: ``"replicate" | "auto" | "tp" | dict | ClusterDeviceMap | JSON path``.
     ``dtype`` (alias ``torch_dtype``): ``"auto"``, a ``torch.dtype`` or its name.
     ``transport``: ``"auto"`` (node-shared for CPU targets, collective for CUDA), or either.
+    ``key_mapping``: ``{regex: replacement}`` applied to checkpoint keys before transformers' own
+    conversion mapping, as ``from_pretrained(key_mapping=...)``.
     With ``return_report=True`` returns ``(result, report)``, the report being the gathered
     summary of every rank (same dict on every rank). Its memory figures (PSS, private bytes)
     are read after touching every page this rank holds; ``report_memory=False`` skips that
@@ -58,6 +60,8 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
                               got=f"dtype={dtype!r}, torch_dtype={torch_dtype!r}", fix="pass only dtype")
         dtype = torch_dtype
     check_load_options(timeout=timeout, bucket_bytes=bucket_bytes, chunk_bytes=chunk_bytes, threads=threads)
+    from weightcast.workers.convert import check_key_mapping
+    check_key_mapping(key_mapping)
     if transport not in TRANSPORTS:
         raise ConfigError("Unknown transport", expected=f"one of {TRANSPORTS}", got=repr(transport))
     job = Job(source=source, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
@@ -65,7 +69,8 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
               tp_size=tp_size, cluster=cluster, transport=transport, allow_pickle=allow_pickle,
               trust_remote_code=trust_remote_code, strict=strict, bucket_bytes=bucket_bytes,
               chunk_bytes=chunk_bytes, threads=threads, progress=progress,
-              report_memory=report_memory, verify_checksums=verify_checksums, reader_factory=reader_factory,
+              report_memory=report_memory, verify_checksums=verify_checksums, key_mapping=key_mapping,
+              reader_factory=reader_factory,
               phase_hook=phase_hook)
     group = setup_group(timeout)
     ok = False

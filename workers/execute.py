@@ -44,6 +44,7 @@ class Job:
     progress: bool = True
     report_memory: bool = True
     verify_checksums: bool = False
+    key_mapping: dict | None = None
     reader_factory: Callable | None = None
     phase_hook: Callable[[str, int], None] | None = None
 
@@ -332,7 +333,8 @@ def _materialize(group: Group, job: Job, payload: dict, tensors: dict, device: t
     module = build_skeleton(job.model, payload.get("config"), job.trust_remote_code)
     _check_kinds(module, raw)
     whole_model = dm.strategy == "replicate"
-    module = assign(module, tensors, strict=job.strict and whole_model, device=device)
+    module = assign(module, tensors, strict=job.strict and whole_model, device=device,
+                    key_mapping=job.key_mapping, progress=job.progress and group.rank == 0)
     if not whole_model:
         module.hf_device_map = hf_device_map(dm, group.rank)
     return module

@@ -136,10 +136,16 @@ def _auto_model(config: dict | None, trust_remote_code: bool) -> torch.nn.Module
 
 
 def assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *, strict: bool,
-           device: torch.device) -> torch.nn.Module:
+           device: torch.device, key_mapping: dict | None = None, progress: bool = False) -> torch.nn.Module:
     """Assign ``tensors`` into the meta skeleton, re-tie tied weights, check keys, move to
     ``device``. Raises ModelMismatchError for shape mismatches and (strict) missing or
-    unexpected keys."""
+    unexpected keys. A transformers model goes through transformers' own key mapping
+    (:func:`weightcast.workers.convert.load_into_model`); the loading info is kept as
+    ``module.loading_info``."""
+    from weightcast.workers.convert import is_transformers_model
+    if is_transformers_model(module):
+        return _assign_converted(module, tensors, strict=strict, device=device, key_mapping=key_mapping,
+                                 progress=progress)
     expected = module.state_dict(keep_vars=True)
     for name, t in tensors.items():
         if name in expected and tuple(expected[name].shape) != tuple(t.shape):
@@ -153,6 +159,25 @@ def assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *, strict:
     if device.type != "cpu":
         module.to(device)
     module.eval()  # as from_pretrained returns it (dropout off)
+    return module
+
+
+def _assign_converted(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *, strict: bool,
+                      device: torch.device, key_mapping: dict | None, progress: bool) -> torch.nn.Module:
+    from weightcast.workers.convert import load_into_model
+    info = load_into_model(module, tensors, key_mapping=key_mapping, progress=progress)
+    if info.mismatched_keys:
+        name, got, want = sorted(info.mismatched_keys, key=str)[0]
+        raise ModelMismatchError("A checkpoint tensor does not fit the model", where=f"parameter {name}",
+                                 expected=f"shape {tuple(want)}", got=f"shape {tuple(got)}",
+                                 fix="check that the checkpoint and config.json belong together")
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+    check_keys(module, sorted(info.unexpected_keys), strict)
+    module.loading_info = info
+    if device.type != "cpu":
+        module.to(device)
+    module.eval()
     return module
 
 
