@@ -36,12 +36,14 @@ class TensorEntry:
 
 @dataclass(frozen=True, slots=True)
 class FileEntry:
-    """One shard file: size and mtime are recorded so a file changed after planning is caught."""
+    """One shard file: size and mtime (an object's ETag) are recorded so a file changed after
+    planning is caught."""
     name: str
     size: int
     mtime_ns: int
     data_start: int  # 8 + header length
     metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    etag: str | None = None  # object storage: the object's ETag when its header was read
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,12 @@ def locate_safetensors(directory: str) -> tuple[str, str] | None:
     except OSError as exc:
         raise CheckpointNotFoundError(f"Cannot list the checkpoint directory: {exc.strerror}",
                                       where=directory, fix="check the path and permissions") from exc
+    return pick_safetensors(names, directory)
+
+
+def pick_safetensors(names: list[str], directory: str) -> tuple[str, str] | None:
+    """:func:`locate_safetensors` on a listing (file names of one directory or object prefix)."""
+    names = sorted(names)
     if SINGLE_FILE_NAME in names:
         return "single", SINGLE_FILE_NAME
     if INDEX_FILE_NAME in names:
@@ -299,8 +307,19 @@ def load_index(path: str | os.PathLike, *, cache_root: str | None = None) -> Che
     for file in sorted(set(weight_map.values())):
         entry, headers[file] = _file_entries(root, file, allowed)
         files.append(entry)
-    _cross_check(name, weight_map, headers)
-    _check_total_size(name, metadata, sum(t.end - t.begin for h in headers.values() for t in h.values()))
+    return index_from_headers(root, name, weight_map, metadata, files, headers)
+
+
+def index_from_headers(root: str, index_name: str | None, weight_map: dict[str, str] | None,
+                       metadata: Mapping[str, object], files: list[FileEntry],
+                       headers: dict[str, dict[str, HeaderTensor]]) -> CheckpointIndex:
+    """Cross-check parsed headers against their index (when ``index_name``) -> the index.
+
+    Shared by :func:`load_index` and object-storage sources; pure."""
+    if index_name is not None and weight_map is not None:
+        _cross_check(index_name, weight_map, headers)
+        _check_total_size(index_name, dict(metadata),
+                          sum(t.end - t.begin for h in headers.values() for t in h.values()))
     return _build(root, files, headers, metadata)
 
 

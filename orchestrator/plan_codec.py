@@ -71,7 +71,7 @@ def encode(plan: LoadPlan) -> bytes:
         "nodes": [[n, list(r)] for n, r in plan.nodes], "storage": plan.storage,
         "options": {"transport": o.transport, "chunk_bytes": o.chunk_bytes,
                     "bucket_bytes": o.bucket_bytes, "gap_bytes": o.gap_bytes},
-        "files": [[f.name, f.size, f.mtime_ns] for f in plan.files],
+        "files": [[f.name, f.size, f.mtime_ns] + ([f.etag] if f.etag else []) for f in plan.files],
         "file_names": list(files.index), "devices": list(table.devices),
         "rank_sets": [_runs(s) for s in sets.index],
         "tensors": [[name] + tensor_meta.get(name, [None, None]) for name in tensors.index],

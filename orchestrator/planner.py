@@ -96,6 +96,7 @@ class FileStamp:
     name: str
     size: int
     mtime_ns: int
+    etag: str | None = None  # object storage: reads must see this ETag
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +234,7 @@ def plan_load(index: "CheckpointIndex", cluster: "ClusterSpec", device_map: "Clu
     nodes = tuple((n, tuple(by_node[n])) for n in cluster.nodes)
     return LoadPlan(
         world_size=cluster.world_size, nodes=nodes, storage=cluster.storage, options=options,
-        files=tuple(FileStamp(f.name, f.size, f.mtime_ns) for f in index.files),
+        files=tuple(FileStamp(f.name, f.size, f.mtime_ns, f.etag) for f in index.files),
         owned=OwnedTable(owned, devices), chunks=chunks, reads=reads, transfers=transfers,
         checkpoint_bytes=index.total_bytes, needed_bytes=needs.needed_bytes, devices=devices)
 

@@ -21,7 +21,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from weightcast.orchestrator.errors import CheckpointFormatError, StorageError, UnsafePathError
 
@@ -341,17 +341,28 @@ def read_header_fd(fd: int, file_name: str, file_size: int
 
     Reads exactly 8 bytes, then exactly the declared header; -> (N, tensors, __metadata__).
     """
+    return read_header_ranged(lambda offset, n: pread_exact(fd, n, offset, file_name), file_name, file_size)
+
+
+def read_header_ranged(read: Callable[[int, int], bytes], file_name: str, file_size: int
+                       ) -> tuple[int, dict[str, HeaderTensor], dict[str, str]]:
+    """Read and validate a header through ``read(offset, n)``, which returns exactly ``n`` bytes
+    at ``offset`` of a file (or object) of ``file_size`` bytes: a bounded ``pread``, a ranged GET.
+
+    Asks for the 8-byte length, then exactly the declared header (checked against
+    :data:`MAX_HEADER_BYTES` and the size first); -> (N, tensors, __metadata__).
+    """
     if file_size < 8:
         raise _fail("The file is too short to hold a safetensors header length", file_name,
                     expected="at least 8 bytes", got=f"{file_size} bytes")
-    header_len = int.from_bytes(pread_exact(fd, 8, 0, file_name), "little")
+    header_len = int.from_bytes(read(0, 8), "little")
     if header_len > MAX_HEADER_BYTES:
         raise _fail("The declared header length is too large", file_name,
                     expected=f"at most {MAX_HEADER_BYTES} bytes", got=f"{header_len} bytes")
     if header_len > file_size - 8:
         raise _fail("The declared header length runs past the end of the file", file_name,
                     expected=f"at most {file_size - 8} bytes", got=f"{header_len} bytes")
-    raw = pread_exact(fd, header_len, 8, file_name)
+    raw = read(8, header_len)
     tensors, metadata = parse_header_bytes(raw, file_name, data_size=file_size - 8 - header_len)
     return header_len, tensors, metadata
 

@@ -71,12 +71,22 @@ def read_config(root: str, name: str = "config.json", cache_root: str | None = N
                           fix="re-download the checkpoint (e.g. `hf download REPO`)")
     fd, st = open_regular(real, name)
     try:
-        if st.st_size > _MAX_CONFIG_BYTES:
-            raise ConfigError(f"{name} is too large", where=path,
-                              expected=f"at most {_MAX_CONFIG_BYTES} bytes", got=st.st_size)
+        check_config_size(name, path, st.st_size)
         raw = pread_exact(fd, st.st_size, 0, name)
     finally:
         os.close(fd)
+    return parse_config(raw, name, path)
+
+
+def check_config_size(name: str, where: str, size: int) -> None:
+    """A config file larger than ``_MAX_CONFIG_BYTES`` is refused before it is read."""
+    if size > _MAX_CONFIG_BYTES:
+        raise ConfigError(f"{name} is too large", where=where,
+                          expected=f"at most {_MAX_CONFIG_BYTES} bytes", got=size)
+
+
+def parse_config(raw: bytes, name: str, path: str) -> dict:
+    """Parse the bytes of a config file as one JSON object (ConfigError otherwise)."""
     try:
         config = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
