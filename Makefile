@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= hf,ray,test
+EXTRAS ?= hf,ray,s3,test
 
 .PHONY: demo test test-deps bench emu-bench venv clean
 

@@ -10,7 +10,7 @@ import time
 
 LOAD_KEYS = ("revision", "cache_dir", "local_files_only", "device_map", "dtype", "tp_size", "cluster",
              "transport", "allow_pickle", "trust_remote_code", "strict", "timeout", "bucket_bytes",
-             "chunk_bytes", "threads", "max_memory", "verify_checksums")
+             "chunk_bytes", "threads", "max_memory", "verify_checksums", "storage_options")
 
 
 def load_options(args: dict) -> dict:

@@ -33,6 +33,7 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
                     bucket_bytes: int = 256 << 20, chunk_bytes: int = 64 << 20, threads: int = 4,
                     progress: bool = True, return_report: bool = False, report_memory: bool = True,
                     verify_checksums: bool = False, key_mapping: dict | None = None,
+                    storage_options: dict | None = None,
                     reader_factory: Callable | None = None,
                     phase_hook: Callable[[str, int], None] | None = None) -> Any:
     """Load ``source`` onto every rank of the job; returns this rank's model (or state dict).
@@ -50,6 +51,9 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
     are read after touching every page this rank holds; ``report_memory=False`` skips that
     probe (they are then ``None``) for callers that measure memory themselves.
     Any failure on any rank raises on every rank within ``timeout`` seconds.
+    ``source`` may be ``s3://bucket/prefix`` or ``s3://bucket/key.safetensors``; boto3 finds
+    credentials, endpoint and region in the standard places, ``storage_options`` (keys of
+    ``weightcast.workers.s3.S3Options``) overrides them and sets request size and concurrency.
     ``reader_factory(root, file_stamps) -> StorageReader`` replaces the file reader and
     ``phase_hook(phase, rank)`` runs at the start of each phase (``plan``, ``transfer``,
     ``materialize``): both exist to inject faults in tests.
@@ -70,8 +74,8 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
               trust_remote_code=trust_remote_code, strict=strict, bucket_bytes=bucket_bytes,
               chunk_bytes=chunk_bytes, threads=threads, progress=progress,
               report_memory=report_memory, verify_checksums=verify_checksums, key_mapping=key_mapping,
-              reader_factory=reader_factory,
-              phase_hook=phase_hook)
+              reader_factory=reader_factory, phase_hook=phase_hook, storage_options=storage_options,
+              timeout=timeout)
     group = setup_group(timeout)
     ok = False
     try:

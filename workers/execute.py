@@ -47,6 +47,8 @@ class Job:
     key_mapping: dict | None = None
     reader_factory: Callable | None = None
     phase_hook: Callable[[str, int], None] | None = None
+    storage_options: dict | None = None  # s3:// sources: client settings (workers.s3.S3Options)
+    timeout: float = 300.0
 
 
 def _cluster(job: Job, facts: list[dict]):
@@ -142,16 +144,26 @@ def plan_on_rank0(job: Job, facts: list[dict], load_id: str) -> dict:
     from weightcast.orchestrator.device_map import build_device_map, device_map_to_json
     from weightcast.orchestrator.planner import PlanOptions, plan_load, plan_to_json
     from weightcast.orchestrator.source import resolve_source
+    from weightcast.orchestrator.object_source import is_object_url
     if any("local_source" in f for f in facts):
         _check_node_copies(facts)
-    src = resolve_source(node_source(job, facts[0]["host"]), revision=job.revision, cache_dir=job.cache_dir,
-                         local_files_only=job.local_files_only, token=job.token, allow_pickle=job.allow_pickle)
+    if is_object_url(job.source):
+        from weightcast.orchestrator.object_source import load_object_index
+        from weightcast.workers.s3 import open_checkpoint
+        store, ckpt = open_checkpoint(job.source, job.storage_options, job.timeout)
+        src = ckpt.source
+    else:
+        src = resolve_source(node_source(job, facts[0]["host"]), revision=job.revision, cache_dir=job.cache_dir,
+                             local_files_only=job.local_files_only, token=job.token, allow_pickle=job.allow_pickle)
     if src.kind == "pickle":
         return {"kind": "pickle", "root": src.root, "files": list(src.weight_files), "config": src.config,
                 "transport": "pickle", "checkpoint_bytes": 0, "load_id": load_id}
     _refuse_remote_code(job, src.config)
-    _check_cache_files(src)
-    index = load_index(src.root, cache_root=src.cache_root)
+    if is_object_url(job.source):
+        index = load_object_index(store, ckpt)
+    else:
+        _check_cache_files(src)
+        index = load_index(src.root, cache_root=src.cache_root)
     cluster = _cluster(job, facts)
     dm = build_device_map(index, cluster, job.device_map, max_memory=job.max_memory, tp_size=job.tp_size,
                           config=src.config)
@@ -292,7 +304,13 @@ def _move(group: Group, job: Job, payload: dict, plan, device: torch.device):
         files = tuple(FileStamp(f.name, *payload["local_stamps"].get(f.name, (f.size, f.mtime_ns)))
                       for f in plan.files)
         plan = dataclasses.replace(plan, files=files)
-    reader = job.reader_factory(root, files) if job.reader_factory else FileReader(root, files)
+    if job.reader_factory:
+        reader = job.reader_factory(root, files)
+    elif root.startswith("s3://"):
+        from weightcast.workers.s3 import reader_for
+        reader = reader_for(root, files, job.storage_options, job.timeout)
+    else:
+        reader = FileReader(root, files)
     try:
         if payload["transport"] == "node-shared":
             from weightcast.workers.staging import reclaim_stale, run_node_shared

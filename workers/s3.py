@@ -307,3 +307,18 @@ class S3Reader:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def open_checkpoint(source: str, storage_options: dict[str, Any] | None, timeout: float):
+    """Rank 0: resolve an ``s3://`` source -> (store, :class:`ObjectCheckpoint`). Not collective."""
+    from weightcast.orchestrator.object_source import resolve_object_source
+    url = parse_object_url(source)
+    options = S3Options.from_dict(storage_options)
+    store = S3Store(url.bucket, options, deadline=time.monotonic() + timeout, pool=4)
+    return store, resolve_object_source(store, url)
+
+
+def reader_for(root: str, stamps: Iterable[FileStamp], storage_options: dict[str, Any] | None,
+               timeout: float) -> S3Reader:
+    """Every rank: the reader of an ``s3://`` plan root, its retries bounded by ``timeout``."""
+    return S3Reader(root, stamps, S3Options.from_dict(storage_options), deadline=time.monotonic() + timeout)

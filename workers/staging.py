@@ -193,6 +193,10 @@ class _Populate:
             self._executor = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="weightcast-populate")
             for file, off, n in _segments(plan, rank, POPULATE_BYTES * 4):
                 self._add(file, off, n, self._executor.submit(populate_read, maps.get(file).data_ptr() + off, n))
+        elif method == "staged":  # object storage: the bytes land in the node's shared areas
+            for file, off, n in _segments(plan, rank, pool.reader.request_bytes):  # type: ignore[attr-defined]
+                dest = memoryview(maps.get(file).numpy())[off:off + n]
+                self._add(file, off, n, pool.run(functools.partial(pool.reader.read_into, file, off, dest)))
         else:
             scratch = [torch.empty(POPULATE_BYTES, dtype=torch.uint8).numpy() for _ in range(4)]
             for k, (file, off, n) in enumerate(_segments(plan, rank, POPULATE_BYTES)):
@@ -289,31 +293,46 @@ class _FileMaps:
         return self.maps[file]
 
 
+class _StagedMaps:
+    """Object storage (a reader marked ``staged``): there is no file to map; what the node reads
+    itself lands in the same shared-memory areas as bytes from other nodes."""
+
+    def __init__(self, areas: _Areas) -> None:
+        self.areas = areas
+
+    def get(self, file: str) -> torch.Tensor:
+        return self.areas.writable(file)
+
+
 def run_node_shared(group: Group, plan: LoadPlan, root: str, reader: StorageReader, load_id: str,
                     threads: int = 4, show_progress: bool = True) -> tuple[dict[str, torch.Tensor], TransferStats]:
-    """Execute ``plan`` with node-shared staging; returns this rank's tensors (collective)."""
+    """Execute ``plan`` with node-shared staging; returns this rank's tensors (collective).
+    A ``staged`` reader (object storage) reads into the node's ``/dev/shm`` areas with its own
+    request size and concurrency; every view then maps those areas."""
     stats = TransferStats()
     node_names = [n for n, _ in plan.nodes]
     node_index = node_names.index(_node_of(plan, group.rank))
     sizes = {f.name: f.size for f in plan.files}
     areas = _Areas(load_id, node_index, sizes, {f.name: i for i, f in enumerate(plan.files)})
-    pool = ReadPool(reader, threads)
-    maps = _FileMaps(root, plan)
+    staged = bool(getattr(reader, "staged", False))
+    pool = ReadPool(reader, getattr(reader, "concurrency", threads) if staged else threads)
+    maps: Any = _StagedMaps(areas) if staged else _FileMaps(root, plan)
     mine = sum(i.length for i in plan.reads if i.rank == group.rank)
     populate = None
     try:
         t0 = time.perf_counter()
-        method = populate_method(root, reader)
+        method = "staged" if staged else populate_method(root, reader)
         with progress_bar(mine if show_progress and group.rank == 0 else 0, "reading") as bar:
             populate = _Populate(plan, group.rank, method, maps, pool, threads, bar)
             _run_hops(group, plan, maps, areas, stats, populate.wait)  # overlaps the reads
             t_hops = time.perf_counter()
             populate.finish()
         stats.read_bytes = mine if method == "madvise" else reader.bytes_read
+        stats.staged_bytes += stats.read_bytes if staged else 0
         t1 = time.perf_counter()
         barrier(group)  # every node's page cache and staging areas are complete
         t2 = time.perf_counter()
-        tensors = _build_views(plan, group.rank, maps, areas)
+        tensors = _build_views(plan, group.rank, maps, areas, staged)
         barrier(group)  # every rank has mapped what it needs
         remove_areas(load_id)
         stats.events += [("read", t0, t1), ("transfer", t0, max(t_hops, t2)), ("views", t2, time.perf_counter())]
@@ -364,7 +383,8 @@ def _run_hops(group: Group, plan: LoadPlan, maps: _FileMaps, areas: _Areas, stat
             w.wait()
 
 
-def _build_views(plan: LoadPlan, rank: int, maps: _FileMaps, areas: _Areas) -> dict[str, torch.Tensor]:
+def _build_views(plan: LoadPlan, rank: int, maps: Any, areas: _Areas,
+                 staged: bool = False) -> dict[str, torch.Tensor]:
     my_node = _node_of(plan, rank)
     node_ranks = set(dict(plan.nodes)[my_node])
     layouts = owned_by(plan, rank)
@@ -376,7 +396,7 @@ def _build_views(plan: LoadPlan, rank: int, maps: _FileMaps, areas: _Areas) -> d
     out = {}
     for name, lay in layouts.items():
         chunks = [c for c in per_tensor.get(name, []) if _overlaps(lay, c) and (set(c.consumers) & node_ranks)]
-        out[name] = _tensor_for(lay, chunks, node_ranks, maps, shm_maps, areas)
+        out[name] = _tensor_for(lay, chunks, set() if staged else node_ranks, maps, shm_maps, areas)
     return out
 
 
