@@ -4,7 +4,7 @@ forward pass runs as a pipeline across the actors.
     python examples/ray_actors_auto.py demo_checkpoint --ranks 2
 
 (run from the repository root after ``make demo``; it starts a local Ray instance, or joins the
-cluster named by ``RAY_ADDRESS``). :func:`weightcast.launch.ray.load_on_ray` starts one actor per rank; each
+cluster named by ``RAY_ADDRESS``). ``wc.load_on_ray`` starts one actor per rank; each
 loads only the modules the cluster-wide map gives it (embeddings and the first layers on rank 0,
 the rest on rank 1, ...), read from storage once. :func:`pipeline_forward` then runs on every
 actor at once: each computes its stages in model order and hands the hidden states to the owner
@@ -18,6 +18,8 @@ import json
 import os
 import sys
 from typing import Any
+
+import weightcast as wc  # importing weightcast does not import torch
 
 
 def llama_stages(model: Any) -> list[tuple[str, Any]]:
@@ -79,11 +81,10 @@ def run_example(source: str, ranks: int = 2, timeout: float = 300.0) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
     from ray import cloudpickle
-    from weightcast.launch.ray import load_on_ray
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors need not import examples/
     source = os.path.abspath(source)
     ids = sample_ids(source)
-    with load_on_ray(source, ranks_per_node=ranks, model="auto", device_map="auto", dtype="float32",
+    with wc.load_on_ray(source, ranks_per_node=ranks, model="auto", device_map="auto", dtype="float32",
                      timeout=timeout) as group:
         held = group.run(held_stages)
         logits = next(x for x in group.run(pipeline_forward, ids) if x is not None)

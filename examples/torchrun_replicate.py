@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+import weightcast as wc  # importing weightcast does not import torch
+
 
 def rank_batch(source: str, rank: int, batch: int = 2, length: int = 16):
     """Token ids of this rank's batch (a different seed per rank: data parallel)."""
@@ -30,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
     import torch.distributed as dist
-    from weightcast.workers.api import load_pretrained
-    model, report = load_pretrained(args.source, model="auto", device_map="replicate", return_report=True)
+    model, report = wc.load_pretrained(args.source, model="auto", device_map="replicate", return_report=True)
     rank, world = dist.get_rank(), dist.get_world_size()
     ids = rank_batch(args.source, rank)
     with torch.no_grad():

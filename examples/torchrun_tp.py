@@ -15,12 +15,13 @@ import argparse
 import os
 import sys
 
+import weightcast as wc  # importing weightcast does not import torch
+
 
 def sharded_logits(source: str, input_ids, timeout: float = 300.0):
     """Every rank (collective): load ``source`` tensor-parallel and return the logits."""
     import torch
-    from weightcast.workers.api import load_pretrained
-    model = load_pretrained(source, model="auto", device_map="tp", dtype="float32", timeout=timeout)
+    model = wc.load_pretrained(source, model="auto", device_map="tp", dtype="float32", timeout=timeout)
     with torch.no_grad():
         return model(input_ids=input_ids).logits
 

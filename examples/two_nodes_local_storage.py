@@ -18,6 +18,8 @@ import os
 import shutil
 import sys
 
+import weightcast as wc  # importing weightcast does not import torch
+
 NODES = ("n0", "n1")
 RANKS_PER_NODE = 2
 
@@ -49,11 +51,11 @@ def write_cluster_yaml(path: str, nodes: tuple[str, ...] = NODES, ranks_per_node
 def rank_job(args: dict) -> dict:
     """On every rank (launch.local.spawn): load the node's copy, verify it against that copy,
     return this rank's part of the report."""
-    from weightcast.launch.jobs import verify_owned
-    from weightcast.workers.api import load_pretrained
+    from weightcast.launch.jobs import verify_owned  # the check `weightcast load --verify` runs
     node = os.environ["WEIGHTCAST_NODE"]
-    tensors, report = load_pretrained(args["source"], model=None, cluster=args["cluster"], return_report=True,
-                                      transport=args.get("transport", "auto"), timeout=args.get("timeout", 120))
+    tensors, report = wc.load_pretrained(args["source"], model=None, cluster=args["cluster"], return_report=True,
+                                         transport=args.get("transport", "auto"),
+                                         timeout=args.get("timeout", 120))
     mine = report["ranks"][int(os.environ["RANK"])]
     out = {"rank": mine["rank"], "node": node, "read_bytes": mine["read_bytes"],
            "cross_node_recv": mine["cross_node_recv"], "owned": len(tensors),

@@ -31,6 +31,7 @@ _EXPORTS = {
     # per-rank calls (collective)
     "load_pretrained": "weightcast.workers.api",
     "save_pretrained": "weightcast.workers.save",
+    "checksum_metadata": "weightcast.workers.reader",
     "load_on_ray": "weightcast.launch.ray",
     # inspection
     "load_index": "weightcast.orchestrator.checkpoint",
