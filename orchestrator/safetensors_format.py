@@ -31,6 +31,15 @@ MAX_HEADER_BYTES = 100_000_000
 MAX_INDEX_BYTES = 100_000_000
 """Largest ``*.safetensors.index.json`` accepted."""
 
+MAX_TENSORS = 400_000
+"""Most tensors accepted in one checkpoint (and so in one header), checked before the JSON is
+parsed. The largest published checkpoints hold about 150k tensors (per-expert MoE weights and
+their scales); planning costs grow with the count (BENCHMARKS.md: about 10 s per 100k tensors
+here), so a header at the format's 100 MB limit (about 1.4M tiny tensors) is refused instead of
+planned for minutes. Raise it (``safetensors_format.MAX_TENSORS = ...``) for a bigger real one."""
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
 _MAX_DIM = 2**62  # far beyond any real tensor; keeps numel x bits inside 64-bit arithmetic
 
 _BASE_BITS: dict[str, int] = {
@@ -194,6 +203,29 @@ def _decode_json(raw: bytes, file_name: str, what: str, *, brace_first: bool = T
         raise _fail(f"The {what} is not valid JSON", file_name, got=str(exc)[:200]) from None
 
 
+def check_tensor_count(count: int, file_name: str, what: str) -> None:
+    """Refuse more than :data:`MAX_TENSORS` tensors (before anything is planned)."""
+    if count > MAX_TENSORS:
+        raise _fail(f"The {what} lists more tensors than weightcast plans", file_name,
+                    expected=f"at most MAX_TENSORS = {MAX_TENSORS:,} tensors", got=f"{count:,} tensors",
+                    fix="if this is a real checkpoint, raise weightcast.orchestrator.safetensors_format."
+                        "MAX_TENSORS (planning takes about 10 s per 100k tensors); else re-save it")
+
+
+def check_utf8_names(raw: bytes, names: Any, file_name: str, what: str) -> None:
+    """Refuse names holding a lone UTF-16 surrogate (``\\ud800`` escapes decode to strings that
+    are not valid UTF-8: safetensors and file systems reject them later). Only scans the names
+    when ``raw`` holds a surrogate escape at all (fast path: one regex search)."""
+    if _SURROGATE_ESCAPE.search(raw) is None:
+        return
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _fail(f"A name in the {what} is not valid UTF-8 (a lone surrogate escape)", file_name,
+                        expected="names that are valid Unicode text", got=ascii(name)[:200]) from None
+
+
 def _parse_metadata(value: Any, file_name: str) -> dict[str, str]:
     if value is None:
         return {}
@@ -302,6 +334,7 @@ def parse_header_bytes(raw: bytes, file_name: str, *, data_size: int | None = No
     ``data_size`` (file size - 8 - N), when given, must equal the end of the last tensor.
     Pure; called by :func:`read_header` and by property tests.
     """
+    check_tensor_count(raw.count(b'"data_offsets"'), file_name, "safetensors header")
     gc_was_enabled = gc.isenabled()
     gc.disable()  # parsing allocates one container per tensor: collections would only cost time
     try:
@@ -310,6 +343,7 @@ def parse_header_bytes(raw: bytes, file_name: str, *, data_size: int | None = No
             raise _fail("The safetensors header is not a JSON object", file_name,
                         got=type(obj).__name__)
         metadata = _parse_metadata(obj.pop("__metadata__", None), file_name)
+        check_utf8_names(raw, [*obj, *metadata, *metadata.values()], file_name, "safetensors header")
         tensors, spans = _fast_tensors(obj, file_name)
     finally:
         if gc_was_enabled:
@@ -452,6 +486,8 @@ def validate_index_json(raw: bytes, index_name: str) -> tuple[dict[str, str], di
         raise _fail("The index has no weight_map (or it is empty)", index_name,
                     expected='a non-empty object "weight_map": {tensor: file}',
                     got=repr(weight_map)[:80], fix="re-save the checkpoint to rebuild its index")
+    check_tensor_count(len(weight_map), index_name, "index")
+    check_utf8_names(raw, [*weight_map, *weight_map.values()], index_name, "index")
     for tensor, file in weight_map.items():
         if type(file) is not str:
             raise _fail("A weight_map value is not a file name", index_name, tensor,

@@ -70,6 +70,7 @@ def save_pretrained(state: dict[str, torch.Tensor] | torch.nn.Module, out_dir: s
     try:
         _save(group, state, os.fspath(out_dir), max_shard_size, config, owned, order)
     finally:
+        save_fs.release_all()
         watch.close()
         _drop(group)
 
@@ -187,6 +188,8 @@ def _write(group: Group, plan: SavePlan, local: Collected) -> None:
     """Every rank: send the slices others write, write the files this rank writes (receiving
     what it lacks), and on rank 0 the index and config; everything fsynced."""
     hook, me = group.extra["hook"], group.rank
+    if me != 0:  # rank 0 holds it since it made it
+        save_fs.hold(plan.tmp, strict=False)
     hook("planned", plan.tmp)
     pieces = defaultdict(list)
     for p in plan.pieces:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import re
@@ -49,12 +50,101 @@ def target_path(out_dir: str) -> str:
 
 
 def prepare(plan: SavePlan) -> None:
-    """Rank 0: create the parent directories and the empty temporary directory (mode 0755)."""
+    """Rank 0: create the parent directories and the empty temporary directory (mode 0755),
+    held (see :func:`hold`) until :func:`release_all`; first reclaim what dead saves left."""
     parent = os.path.dirname(plan.out)
     if not os.path.isdir(parent):
         os.makedirs(parent, mode=DIR_MODE, exist_ok=True)
+    reclaim_stale(plan.out)
     os.mkdir(plan.tmp, DIR_MODE)
     os.chmod(plan.tmp, DIR_MODE)
+    hold(plan.tmp)
+
+
+# Directories this process holds a shared lock on: path -> fd (released by release_all).
+_HELD: dict[str, int] = {}
+
+
+def hold(path: str, *, strict: bool = True) -> None:
+    """Take a shared ``flock`` on the directory ``path`` for the rest of the save (every rank
+    that writes into it), so no other save reclaims it (:func:`reclaim_stale`). The kernel drops
+    the lock when the process dies, which is what marks the directory as a dead save's. With
+    ``strict``, a directory that vanished or was replaced meanwhile is a StorageError; without,
+    a missing directory is ignored (a rank that does not see it fails later, clearly)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if strict:
+            raise StorageError("The save's temporary directory disappeared", where=path,
+                               fix="another process removed it; save again") from None
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:  # a file system without flock: the directory stays unlocked
+        pass
+    st = os.fstat(fd)
+    try:
+        same = os.stat(path).st_ino == st.st_ino and os.stat(path).st_dev == st.st_dev
+    except FileNotFoundError:
+        same = False
+    if not same and strict:
+        os.close(fd)
+        raise StorageError("The save's temporary directory was removed while it was being locked", where=path,
+                           fix="another save reclaimed it; run one save per target at a time and save again")
+    _HELD[path] = fd
+
+
+def release_all() -> None:
+    """Drop every lock :func:`hold` took (each rank, at the end of a save, whatever happened)."""
+    while _HELD:
+        os.close(_HELD.popitem()[1])
+
+
+def _unheld(path: str) -> int | None:
+    """An fd holding an exclusive lock on ``path`` when no live process holds it, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError:  # held by a live save (or no flock here: never reclaim what we cannot tell)
+        os.close(fd)
+        return None
+
+
+def reclaim_stale(out: str) -> list[str]:
+    """Rank 0, before a save to ``out``: remove the ``OUT.tmp-*`` and trash directories of saves
+    whose processes all died (no lock held), put back a parked ``OUT.old-*`` when ``OUT`` is
+    missing, remove it when ``OUT`` exists. Not collective; never raises. -> what it removed."""
+    parent, base = os.path.split(out)
+    removed = []
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(parent, name)
+        if not (name.startswith(base + ".tmp-") or name.startswith(base + ".old-")):
+            continue
+        fd = _unheld(path)
+        if fd is None:
+            continue
+        try:
+            if name.startswith(base + ".old-") and ".trash-" not in name:
+                if os.path.lexists(os.path.join(parent, base + ".tmp-" + name[len(base) + 5:])):
+                    continue  # its save may be committing right now: the next save decides
+                if not os.path.lexists(out):
+                    os.rename(path, out)  # a save died between parking the old checkpoint and the swap
+                    continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def fsync_file(path: str, mode: int = FILE_MODE) -> None:
