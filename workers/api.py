@@ -18,7 +18,10 @@ from weightcast.orchestrator.errors import ConfigError, LoadError, WeightcastErr
 from weightcast.orchestrator.options import check_load_options
 from weightcast.workers.coordinator import Group, coordinate, gather_facts, setup_group, sync_status, teardown_group
 from weightcast.workers.execute import Job, execute_plan, plan_on_rank0, resolve_node_local
+from weightcast.workers.finish import LoadingInfo
+from weightcast.workers.finish import report as report_loading
 from weightcast.workers.materialize import resolve_dtype
+from weightcast.workers.model_load import take_loading_info
 from weightcast.workers.report import LoadReport, PhaseClock, gather_reports, memory_now, summary
 
 TRANSPORTS = ("auto", "node-shared", "collective")
@@ -35,18 +38,26 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
                     verify_checksums: bool = False, key_mapping: dict | None = None,
                     storage_options: dict | None = None,
                     reader_factory: Callable | None = None,
-                    phase_hook: Callable[[str, int], None] | None = None) -> Any:
+                    phase_hook: Callable[[str, int], None] | None = None,
+                    output_loading_info: bool = False, **model_kwargs: Any) -> Any:
     """Load ``source`` onto every rank of the job; returns this rank's model (or state dict).
 
     Collective: every rank calls it with the same arguments. ``model``: ``"auto"`` (transformers
-    class from config.json), a factory returning an ``nn.Module`` (built on meta), an
-    ``nn.Module`` on meta, or ``None`` for a ``dict[str, Tensor]`` of what this rank owns.
+    class from config.json), a transformers model class or auto class
+    (``AutoModelForSequenceClassification``), a factory returning an ``nn.Module`` (built on meta),
+    an ``nn.Module`` on meta, or ``None`` for a ``dict[str, Tensor]`` of what this rank owns.
+    Other keyword arguments are ``from_pretrained``'s config overrides (``num_labels=3``).
+    Parameters the checkpoint lacks are initialised as ``from_pretrained`` initialises them (the
+    same values on every rank) unless ``strict`` (the default) refuses the load;
+    ``output_loading_info=True`` returns ``(model, loading_info)`` with from_pretrained's dict
+    (missing / unexpected / mismatched keys, error messages); otherwise rank 0 logs a warning.
     ``device_map``: ``"replicate" | "auto" | "tp" | dict | ClusterDeviceMap | JSON path``.
     ``dtype`` (alias ``torch_dtype``): ``"auto"``, a ``torch.dtype`` or its name.
     ``transport``: ``"auto"`` (node-shared for CPU targets, collective for CUDA), or either.
     ``key_mapping``: ``{regex: replacement}`` applied to checkpoint keys before transformers' own
     conversion mapping, as ``from_pretrained(key_mapping=...)``.
-    With ``return_report=True`` returns ``(result, report)``, the report being the gathered
+    With ``return_report=True`` returns ``(result, report)`` (``(model, loading_info, report)``
+    with ``output_loading_info``), the report being the gathered
     summary of every rank (same dict on every rank). Its memory figures (PSS, private bytes)
     are read after touching every page this rank holds; ``report_memory=False`` skips that
     probe (they are then ``None``) for callers that measure memory themselves.
@@ -68,6 +79,10 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
     check_key_mapping(key_mapping)
     if transport not in TRANSPORTS:
         raise ConfigError("Unknown transport", expected=f"one of {TRANSPORTS}", got=repr(transport))
+    if model_kwargs and (model is None or isinstance(model, torch.nn.Module)):
+        raise ConfigError("Unknown keyword arguments", where="load_pretrained(...)", got=sorted(model_kwargs),
+                          expected="config overrides only with model='auto' or a transformers class",
+                          fix="check the argument names, or pass a transformers model class")
     job = Job(source=source, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
               token=token, model=model, device_map=device_map, dtype=dtype, max_memory=max_memory,
               tp_size=tp_size, cluster=cluster, transport=transport, allow_pickle=allow_pickle,
@@ -75,7 +90,7 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
               chunk_bytes=chunk_bytes, threads=threads, progress=progress,
               report_memory=report_memory, verify_checksums=verify_checksums, key_mapping=key_mapping,
               reader_factory=reader_factory, phase_hook=phase_hook, storage_options=storage_options,
-              timeout=timeout)
+              timeout=timeout, model_kwargs=dict(model_kwargs))
     group = setup_group(timeout)
     ok = False
     try:
@@ -83,7 +98,14 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
         ok = True
     finally:
         teardown_group(group, ok)  # the default group stays: the model may need it (TP)
-    return (result, report) if return_report else result
+    info = take_loading_info(result)
+    if output_loading_info:
+        result = (result, (info or LoadingInfo()).to_dict())
+    elif info is not None and group.rank == 0:
+        report_loading(info, type(result).__name__, source)
+    if return_report:
+        return (*result, report) if output_loading_info else (result, report)
+    return result
 
 
 def _device_for(group: Group) -> torch.device:

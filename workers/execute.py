@@ -14,7 +14,8 @@ import torch
 from weightcast.orchestrator.errors import ConfigError
 from weightcast.orchestrator.planner import owned_of
 from weightcast.workers.coordinator import Group, abort_phase, sync_status
-from weightcast.workers.materialize import assign, build_skeleton, cast_tensors, resolve_dtype
+from weightcast.workers.materialize import cast_tensors, resolve_dtype
+from weightcast.workers.model_load import first_float_dtype, init_seed, materialize_model, model_dtype
 from weightcast.workers.reader import FileReader
 from weightcast.workers.report import PhaseClock
 from weightcast.workers.transfer import TransferStats
@@ -49,6 +50,7 @@ class Job:
     phase_hook: Callable[[str, int], None] | None = None
     storage_options: dict | None = None  # s3:// sources: client settings (workers.s3.S3Options)
     timeout: float = 300.0
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
 
 
 def _cluster(job: Job, facts: list[dict]):
@@ -157,7 +159,7 @@ def plan_on_rank0(job: Job, facts: list[dict], load_id: str) -> dict:
                              local_files_only=job.local_files_only, token=job.token, allow_pickle=job.allow_pickle)
     if src.kind == "pickle":
         return {"kind": "pickle", "root": src.root, "files": list(src.weight_files), "config": src.config,
-                "transport": "pickle", "checkpoint_bytes": 0, "load_id": load_id}
+                "transport": "pickle", "checkpoint_bytes": 0, "load_id": load_id, "init_seed": init_seed()}
     _refuse_remote_code(job, src.config)
     if is_object_url(job.source):
         index = load_object_index(store, ckpt)
@@ -173,7 +175,8 @@ def plan_on_rank0(job: Job, facts: list[dict], load_id: str) -> dict:
     _check_fits(plan, cluster, index)
     payload = {"kind": "safetensors", "root": src.root, "config": src.config, "transport": transport,
                "plan": plan_to_json(plan).decode(), "device_map": device_map_to_json(dm),
-               "checkpoint_bytes": index.total_bytes, "load_id": load_id}
+               "checkpoint_bytes": index.total_bytes, "load_id": load_id, "init_seed": init_seed(),
+               "auto_dtype": first_float_dtype(index)}
     if job.verify_checksums:
         payload["crc32"] = checksums_of(index)
     return payload
@@ -335,43 +338,22 @@ class OwnedTensors(dict):
 
 def _materialize(group: Group, job: Job, payload: dict, tensors: dict, device: torch.device,
                  plan_owned: tuple = ()):
-    dtype = resolve_dtype(job.dtype, payload.get("config"))
-    raw = tensors
-    tensors = cast_tensors(tensors, dtype)
-    if job.model is None:
-        return OwnedTensors(tensors, plan_owned)
+    if job.model is None:  # dtype="auto": the tensors as stored, as safetensors' load_file returns them
+        dtype = None if job.dtype == "auto" else resolve_dtype(job.dtype, payload.get("config"))
+        return OwnedTensors(cast_tensors(tensors, dtype), plan_owned)
+    if payload["kind"] == "pickle":
+        return materialize_model(job, payload, tensors, device)
     from weightcast.orchestrator.device_map import device_map_from_json, hf_device_map
     dm = device_map_from_json(payload["device_map"])
     if dm.strategy == "tp":
         from weightcast.workers.tp import materialize_tp
-        return materialize_tp(job, payload, tensors, device, group)
+        return materialize_tp(job, payload, cast_tensors(tensors, model_dtype(job.dtype, payload)), device, group)
     if dm.strategy == "fsdp":
         from weightcast.workers.fsdp import materialize_fsdp
-        return materialize_fsdp(job, payload, tensors, device, group)
-    module = build_skeleton(job.model, payload.get("config"), job.trust_remote_code)
-    _check_kinds(module, raw)
-    whole_model = dm.strategy == "replicate"
-    module = assign(module, tensors, strict=job.strict and whole_model, device=device,
-                    key_mapping=job.key_mapping, progress=job.progress and group.rank == 0)
-    if not whole_model:
-        module.hf_device_map = hf_device_map(dm, group.rank)
+        return materialize_fsdp(job, payload, cast_tensors(tensors, model_dtype(job.dtype, payload)), device, group)
+    if dm.strategy == "replicate":
+        return materialize_model(job, payload, tensors, device)
+    from weightcast.workers.model_load import owns_of
+    module = materialize_model(job, payload, tensors, device, owns=owns_of(dm, group.rank))
+    module.hf_device_map = hf_device_map(dm, group.rank)
     return module
-
-
-def _kind(dtype: torch.dtype) -> str:
-    if dtype == torch.bool:
-        return "bool"
-    return "complex" if dtype.is_complex else "floating point" if dtype.is_floating_point else "integer"
-
-
-def _check_kinds(module: torch.nn.Module, tensors: dict) -> None:
-    """A checkpoint tensor must have the model's kind of dtype (floating point, integer, bool,
-    complex): a cast between float widths is fine, an int8 weight for a float parameter is not."""
-    from weightcast.orchestrator.errors import ModelMismatchError
-    expected = module.state_dict(keep_vars=True)
-    for name, t in tensors.items():
-        want = expected.get(name)
-        if want is not None and _kind(want.dtype) != _kind(t.dtype):
-            raise ModelMismatchError("A checkpoint tensor's dtype does not fit the model", where=f"tensor {name}",
-                                     expected=f"a {_kind(want.dtype)} tensor (the model has {want.dtype})",
-                                     got=f"{t.dtype}", fix="check that the checkpoint and the model belong together")

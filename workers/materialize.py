@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from weightcast.orchestrator.errors import ConfigError, ModelMismatchError, RemoteCodeRefusedError
+from weightcast.orchestrator.errors import ConfigError, ModelMismatchError
 
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -94,45 +94,55 @@ def _no_init():
         yield
 
 
-def build_skeleton(model: Any, config: dict | None, trust_remote_code: bool = False) -> torch.nn.Module:
-    """A model whose parameters are on the meta device: from ``"auto"`` (transformers, from
-    config.json), a factory callable, or a module already on meta."""
+def build_skeleton(model: Any, config: dict | None, trust_remote_code: bool = False, *, root: str | None = None,
+                   source: str = "", overrides: dict | None = None,
+                   dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A model whose parameters are on the meta device: from ``"auto"`` (the transformers class
+    config.json names), a transformers model class or auto class (with ``overrides``, the config
+    overrides of ``from_pretrained``), a factory callable, or a module already on meta."""
     from accelerate import init_empty_weights
+    from weightcast.workers.hf_model import instantiate, is_hf_class
     if isinstance(model, torch.nn.Module):
         return model
+    if overrides and not (model == "auto" or is_hf_class(model)):
+        raise ConfigError("Config overrides apply to transformers models only", where="load_pretrained(**kwargs)",
+                          got=f"{sorted(overrides)} with model={model!r}"[:300],
+                          fix="pass model='auto' or a transformers class, or drop the keyword arguments")
     with init_empty_weights(include_buffers=False), _no_init():
+        if model == "auto" or is_hf_class(model):
+            if not config:
+                raise ConfigError("A transformers model needs a config.json in the checkpoint",
+                                  where="checkpoint directory", fix="pass model=<factory> or model=None for a state dict")
+            _need_transformers()
+            return instantiate(model, config, root=root, source=source, overrides=overrides or {},
+                               trust_remote_code=trust_remote_code, dtype=dtype)
         if callable(model):
             return model()
-        if model == "auto":
-            return _auto_model(config, trust_remote_code)
     raise ConfigError("Unknown model argument", where="load_pretrained(model=...)",
-                      expected="'auto', a callable returning an nn.Module, an nn.Module on meta, or None",
-                      got=repr(model))
+                      expected="'auto', a transformers (auto) class, a callable returning an nn.Module, "
+                               "an nn.Module on meta, or None", got=repr(model))
 
 
-def _auto_model(config: dict | None, trust_remote_code: bool) -> torch.nn.Module:
-    if not config:
-        raise ConfigError("model='auto' needs a config.json in the checkpoint", where="checkpoint directory",
-                          fix="pass model=<factory> or model=None for a state dict")
-    if config.get("auto_map") and not trust_remote_code:
-        raise RemoteCodeRefusedError("config.json asks for remote code (auto_map)", where="config.json",
-                                     got=f"auto_map={config['auto_map']!r}",
-                                     fix="review that code and pass trust_remote_code=True, or pass model=<factory>")
+def _need_transformers() -> None:
     try:
-        import transformers
-        from transformers import AutoConfig
+        import transformers  # noqa: F401
     except ImportError as exc:
         raise ConfigError("model='auto' needs transformers", fix="pip install 'weightcast[hf]'") from exc
-    cfg = dict(config)
-    model_type = cfg.pop("model_type", None)
-    if not model_type:
-        raise ConfigError("config.json has no model_type", where="config.json", fix="pass model=<factory>")
-    hf_config = AutoConfig.for_model(model_type, **cfg)
-    archs = cfg.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None:
-        cls = transformers.AutoModel._model_mapping[type(hf_config)]
-    return cls(hf_config)
+
+
+def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor]):
+    """Assign ``tensors`` (named as the model names its parameters) into the meta skeleton.
+    Returns the :class:`~weightcast.workers.finish.LoadingInfo` (missing / unexpected keys).
+    Raises ModelMismatchError for a shape mismatch (from_pretrained raises too)."""
+    from weightcast.workers.finish import LoadingInfo
+    expected = module.state_dict(keep_vars=True)
+    for name, t in tensors.items():
+        if name in expected and tuple(expected[name].shape) != tuple(t.shape):
+            raise ModelMismatchError("A checkpoint tensor does not fit the model", where=f"tensor {name}",
+                                     expected=f"shape {tuple(expected[name].shape)}", got=f"shape {tuple(t.shape)}",
+                                     fix="check that the checkpoint and config.json belong together")
+    result = module.load_state_dict(tensors, strict=False, assign=True)
+    return LoadingInfo(missing_keys=set(result.missing_keys), unexpected_keys=set(result.unexpected_keys))
 
 
 def assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *, strict: bool,
@@ -146,16 +156,10 @@ def assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *, strict:
     if is_transformers_model(module):
         return _assign_converted(module, tensors, strict=strict, device=device, key_mapping=key_mapping,
                                  progress=progress)
-    expected = module.state_dict(keep_vars=True)
-    for name, t in tensors.items():
-        if name in expected and tuple(expected[name].shape) != tuple(t.shape):
-            raise ModelMismatchError("A checkpoint tensor does not fit the model", where=f"tensor {name}",
-                                     expected=f"shape {tuple(expected[name].shape)}", got=f"shape {tuple(t.shape)}",
-                                     fix="check that the checkpoint and config.json belong together")
-    result = module.load_state_dict(tensors, strict=False, assign=True)
+    info = load_into(module, tensors)
     if hasattr(module, "tie_weights"):
         module.tie_weights()
-    check_keys(module, result.unexpected_keys, strict)
+    check_keys(module, sorted(info.unexpected_keys), strict)
     if device.type != "cpu":
         module.to(device)
     module.eval()  # as from_pretrained returns it (dropout off)

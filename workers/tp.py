@@ -28,7 +28,8 @@ def materialize_tp(job: Any, payload: dict, tensors: dict[str, torch.Tensor], de
                    group: Any) -> torch.nn.Module:
     """This rank's tensor-parallel model (collective over every rank of the load)."""
     dm = device_map_from_json(payload["device_map"])
-    module = build_skeleton(job.model, payload.get("config"), job.trust_remote_code)
+    module = build_skeleton(job.model, payload.get("config"), job.trust_remote_code, root=payload.get("root"),
+                            source=job.source, overrides=getattr(job, "model_kwargs", None) or {})
     tied = _tied_partners(module, dm)
     styles = module_styles(module, dm, tied)
     groups = _shard_groups(dm)
