@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from weightcast.orchestrator.checkpoint import CheckpointIndex
     from weightcast.orchestrator.cluster import ClusterSpec
 
-STRATEGIES = ("replicate", "auto", "balanced", "sequential", "tp", "fsdp")
+AUTO_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+STRATEGIES = ("replicate", *AUTO_STRATEGIES, "tp", "fsdp")
 JSON_FORMAT = "weightcast.device_map"
 _DEVICE_RE = re.compile(r"cpu|disk|cuda:(0|[1-9][0-9]*)")
 
@@ -146,7 +147,7 @@ def _check_options(strategy: Any, *, max_memory: Any, tp_size: Any, tp_plan: Any
     if (tp_size is not None or tp_plan is not None) and name != "tp":
         raise DeviceMapError("tp_size / tp_plan only apply to the 'tp' strategy",
                              where=f"strategy {name!r}", fix="drop them or use strategy 'tp'")
-    if (max_memory is not None or no_split) and name not in ("auto", "balanced", "sequential"):
+    if (max_memory is not None or no_split) and name not in AUTO_STRATEGIES:
         raise DeviceMapError("max_memory / no-split options only apply to 'auto'",
                              where=f"strategy {name!r}", fix="drop them or use strategy 'auto'")
 

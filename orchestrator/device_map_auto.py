@@ -1,4 +1,4 @@
-"""``auto`` / ``balanced`` / ``sequential`` device maps: accelerate's ``infer_auto_device_map``
+"""``auto`` / ``balanced`` / ``balanced_low_0`` / ``sequential`` device maps: accelerate's ``infer_auto_device_map``
 generalised from the devices of one machine to every device of the cluster, from names alone.
 
 Called by :func:`weightcast.orchestrator.device_map.build_device_map` on the coordinator or in the CLI.
@@ -15,7 +15,8 @@ How a map is made:
 3. Units fill the devices of the ranks in rank order, each within its ``max_memory`` (default
    90% of the device memory). ``sequential`` fills each device before moving on; ``balanced``
    (and ``auto``, as transformers' ``device_map="auto"``) aims at an equal share per device and
-   falls back to ``sequential`` when that would spill more.
+   falls back to ``sequential`` when that would spill more. ``balanced_low_0`` (accelerate's
+   ``low_zero``) balances over ranks 1.. and leaves rank 0 only what they cannot hold.
 4. What does not fit goes to the last rank's host (``Place(last, "cpu")``, within
    ``max_memory["cpu"]``, default 90% of that rank's share of its node's host memory), then to
    its disk (``Place(last, "disk")``).
@@ -84,6 +85,8 @@ def auto_map(index: "CheckpointIndex", cluster: "ClusterSpec", strategy: str, *,
     units, no_split = make_units(index, prefixes, tied)
     caps, cpu_cap = memory_caps(cluster, max_memory)
     sizes = [sum(index.tensor(n).length for n in names if n in index) for _, names in units]
+    if strategy == "balanced_low_0" and len(caps) > 1:  # as accelerate: rank 0 keeps only the overflow
+        caps[0] = min(caps[0], max(0, sum(sizes) - sum(caps[1:])))
     if strategy == "sequential":
         where = fill(sizes, caps, balanced=False)
     else:

@@ -165,7 +165,7 @@ def plan_on_rank0(job: Job, facts: list[dict], load_id: str) -> dict:
         index = load_object_index(store, ckpt)
     else:
         _check_cache_files(src)
-        index = load_index(src.root, cache_root=src.cache_root)
+        index = load_index(_index_path(job, facts[0]["host"], src.root), cache_root=src.cache_root)
     cluster = _cluster(job, facts)
     dm = build_device_map(index, cluster, job.device_map, max_memory=job.max_memory, tp_size=job.tp_size,
                           config=src.config)
@@ -183,13 +183,25 @@ def plan_on_rank0(job: Job, facts: list[dict], load_id: str) -> dict:
 
 
 def _refuse_remote_code(job: Job, config: dict | None) -> None:
-    """Rank 0, before reading any weight: model='auto' with an ``auto_map`` config needs
-    ``trust_remote_code=True`` (the same check materialization makes, made before any I/O)."""
-    if job.model == "auto" and config and config.get("auto_map") and not job.trust_remote_code:
+    """Rank 0, before reading any weight: a transformers model whose config.json asks for remote
+    code (``auto_map``) that transformers has no class for needs ``trust_remote_code=True``
+    (a native model type carrying an ``auto_map`` loads with the library's class, as in
+    from_pretrained)."""
+    if job.trust_remote_code or not config or not config.get("auto_map") or job.model is None:
+        return
+    from weightcast.workers.hf_model import is_hf_class, needs_remote_code
+    if (job.model == "auto" or is_hf_class(job.model)) and needs_remote_code(config):
         from weightcast.orchestrator.errors import RemoteCodeRefusedError
         raise RemoteCodeRefusedError("config.json asks for remote code (auto_map)", where="config.json",
                                      got=f"auto_map={config['auto_map']!r}"[:300],
                                      fix="review that code and pass trust_remote_code=True, or pass model=<factory>")
+
+
+def _index_path(job: Job, node: str, root: str) -> str:
+    """What to index: the file the source names (an explicit ``model.safetensors`` beside an
+    index loads that file, as from_pretrained does), else the checkpoint directory."""
+    path = os.path.expanduser(node_source(job, node))
+    return os.path.abspath(path) if os.path.isfile(path) and path.endswith(".safetensors") else root
 
 
 def _check_fits(plan, cluster, index) -> None:

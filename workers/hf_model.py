@@ -37,6 +37,13 @@ def _is_auto_class(model: Any) -> bool:
     return isinstance(model, type) and issubclass(model, _BaseAutoModelClass)
 
 
+def needs_remote_code(config: dict) -> bool:
+    """Whether config.json's model can only be built from its ``auto_map`` code: its
+    ``model_type`` is not one transformers knows."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    return bool(config.get("auto_map")) and config.get("model_type") not in CONFIG_MAPPING
+
+
 def hf_config(config: dict, root: str | None, overrides: dict, trust_remote_code: bool) -> tuple[Any, dict]:
     """``(PretrainedConfig, model_kwargs)`` as ``from_pretrained`` builds them: config.json's values,
     then ``overrides`` set where the config has the attribute; the rest are returned for the model's
