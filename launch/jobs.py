@@ -16,9 +16,6 @@ LOAD_KEYS = ("revision", "cache_dir", "local_files_only", "device_map", "dtype",
 def load_options(args: dict) -> dict:
     """The load_pretrained keyword arguments found in ``args`` (None values dropped)."""
     opts = {k: args[k] for k in LOAD_KEYS if args.get(k) is not None}
-    for key in ("reader_factory", "phase_hook"):  # "module:function" names, for fault injection
-        if args.get(key):
-            opts[key] = _import(args[key])
     model = args.get("model", "none")
     opts["model"] = None if model in (None, "none") else model
     return opts
@@ -58,8 +55,11 @@ def verify_owned(source_root: str, tensors: dict) -> list[str]:
 def load_job(args: dict) -> dict:
     """Load ``args["source"]`` on this rank; optionally verify bit for bit; return the report."""
     from weightcast.workers.api import load_pretrained
+    from weightcast.workers.testing import inject
+    seams = {key: _import(args[key]) for key in ("reader_factory", "phase_hook") if args.get(key)}
     t0 = time.perf_counter()
-    result, report = load_pretrained(args["source"], return_report=True, **load_options(args))
+    with inject(**seams):  # "module:function" names of fault-injection seams (tests)
+        result, report = load_pretrained(args["source"], return_report=True, **load_options(args))
     out = {"rank": int(os.environ.get("RANK", 0)), "seconds": time.perf_counter() - t0}
     if args.get("verify"):
         if not isinstance(result, dict):

@@ -1,7 +1,7 @@
 """Fault injection for the reliability tests: hooks, readers and a fast multi-rank runner.
 
-Injection points (``load_pretrained(phase_hook=..., reader_factory=...)``, or as
-``"tests.faults:phase_hook"`` / ``"tests.faults:reader_factory"`` strings for
+Injection points (``with weightcast.workers.testing.inject(phase_hook=..., reader_factory=...)``
+around a load, or as ``"tests.faults:phase_hook"`` / ``"tests.faults:reader_factory"`` strings for
 ``weightcast.launch.jobs.load_job``) read what to do from environment variables, so one rank of a job can
 be hit while the others run normally:
 
@@ -86,7 +86,7 @@ def die(rank: int) -> None:
 
 
 def phase_hook(phase: str, rank: int) -> None:
-    """``phase_hook`` for load_pretrained: apply ``WC_FAULT`` when it names this rank and phase."""
+    """The phase hook (``workers.testing.inject``): apply ``WC_FAULT`` when it names this rank and phase."""
     spec = _spec("WC_FAULT")
     if spec is None:
         return
@@ -190,7 +190,7 @@ class FaultReader:
 
 
 def reader_factory(root: str, stamps: Any) -> FaultReader:
-    """``reader_factory`` for load_pretrained: the real FileReader wrapped by :class:`FaultReader`."""
+    """The reader factory (``workers.testing.inject``): the real FileReader wrapped by :class:`FaultReader`."""
     from weightcast.workers.reader import FileReader
     return FaultReader(FileReader(root, stamps), _my_rank())
 
@@ -326,8 +326,9 @@ def load_scenario(args: dict) -> dict:
     source = kwargs.pop("source")
     if kwargs.get("model") == "seq":
         kwargs["model"] = seq_model
-    result = load_pretrained(source, phase_hook=phase_hook, reader_factory=reader_factory, progress=False,
-                             **kwargs)
+    from weightcast.workers.testing import inject
+    with inject(phase_hook=phase_hook, reader_factory=reader_factory):
+        result = load_pretrained(source, progress=False, **kwargs)
     tensors = result if isinstance(result, dict) else result.state_dict()
     return {name: tensor_crc32(t) for name, t in tensors.items()}
 

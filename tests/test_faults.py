@@ -141,12 +141,14 @@ def test_checksum_metadata_is_crc32_of_the_raw_bytes():
 def test_single_process_faults_keep_their_class(tmp_path, monkeypatch):
     """Without a process group the StorageError itself reaches the caller, wrapped once."""
     from weightcast.workers.api import load_pretrained
+    from weightcast.workers.testing import inject
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(key, raising=False)
     write_sharded(tmp_path, sample_tensors(), shards=2)
     monkeypatch.setenv("WC_READ", "eio@0")
     with pytest.raises(Exception) as info:
-        load_pretrained(str(tmp_path), model=None, reader_factory=faults.reader_factory, transport="collective")
+        with inject(reader_factory=faults.reader_factory):
+            load_pretrained(str(tmp_path), model=None, transport="collective")
     assert type(info.value).__name__ == "LoadError"
     assert "StorageError: Reading a checkpoint file failed" in str(info.value)
     assert type(info.value.__cause__).__name__ == "StorageError"

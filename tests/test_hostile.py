@@ -362,10 +362,11 @@ def test_load_pretrained_refuses_and_reads_nothing_outside(name, built, tmp_path
     log = tmp_path / "reads.jsonl"
     monkeypatch.setenv("WC_READ_LOG", str(log))
     from weightcast.workers.api import load_pretrained
+    from weightcast.workers.testing import inject
     error = None
-    with faults.OpenRecorder() as opened:
+    with faults.OpenRecorder() as opened, inject(reader_factory=faults.reader_factory):
         try:
-            load_pretrained(str(h.path), reader_factory=faults.reader_factory, progress=False, **_load_kwargs(h))
+            load_pretrained(str(h.path), progress=False, **_load_kwargs(h))
         except BaseException as exc:  # noqa: BLE001 - checked below
             error = exc
     root = h.root if h.root.is_dir() else h.root.parent

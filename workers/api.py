@@ -8,23 +8,21 @@ materializes what it owns. See the README for the arguments.
 from __future__ import annotations
 
 import os
-import time
 import uuid
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from weightcast.orchestrator.errors import ConfigError, LoadError, WeightcastError
-from weightcast.orchestrator.options import check_load_options
-from weightcast.workers.coordinator import Group, coordinate, gather_facts, setup_group, sync_status, teardown_group
-from weightcast.workers.execute import Job, execute_plan, plan_on_rank0, resolve_node_local
+from weightcast.orchestrator.errors import ConfigError
+from weightcast.orchestrator.request import LoadRequest
+from weightcast.workers.coordinator import Group, coordinate, gather_facts, setup_group, teardown_group
+from weightcast.workers.execute import execute_plan, plan_on_rank0, resolve_node_local
 from weightcast.workers.finish import LoadingInfo
 from weightcast.workers.finish import report as report_loading
 from weightcast.workers.materialize import resolve_dtype
 from weightcast.workers.model_load import take_loading_info
+from weightcast.workers.testing import at_phase
 from weightcast.workers.report import LoadReport, PhaseClock, gather_reports, memory_now, summary
-
-TRANSPORTS = ("auto", "node-shared", "collective")
 
 
 def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str | None = None,
@@ -37,8 +35,6 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
                     progress: bool = True, return_report: bool = False, report_memory: bool = True,
                     verify_checksums: bool = False, key_mapping: dict | None = None,
                     storage_options: dict | None = None,
-                    reader_factory: Callable | None = None,
-                    phase_hook: Callable[[str, int], None] | None = None,
                     output_loading_info: bool = False, **model_kwargs: Any) -> Any:
     """Load ``source`` onto every rank of the job; returns this rank's model (or state dict).
 
@@ -65,36 +61,18 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
     ``source`` may be ``s3://bucket/prefix`` or ``s3://bucket/key.safetensors``; boto3 finds
     credentials, endpoint and region in the standard places, ``storage_options`` (keys of
     ``weightcast.workers.s3.S3Options``) overrides them and sets request size and concurrency.
-    ``reader_factory(root, file_stamps) -> StorageReader`` replaces the file reader and
-    ``phase_hook(phase, rank)`` runs at the start of each phase (``plan``, ``transfer``,
-    ``materialize``): both exist to inject faults in tests.
     """
-    if torch_dtype is not None:
-        if dtype not in ("auto", None, torch_dtype):
-            raise ConfigError("Both dtype and torch_dtype were given", expected="one of them",
-                              got=f"dtype={dtype!r}, torch_dtype={torch_dtype!r}", fix="pass only dtype")
-        dtype = torch_dtype
-    check_load_options(timeout=timeout, bucket_bytes=bucket_bytes, chunk_bytes=chunk_bytes, threads=threads)
+    request = LoadRequest.from_call(locals())
     from weightcast.workers.convert import check_key_mapping
-    check_key_mapping(key_mapping)
-    if transport not in TRANSPORTS:
-        raise ConfigError("Unknown transport", expected=f"one of {TRANSPORTS}", got=repr(transport))
+    check_key_mapping(request.key_mapping)
     if model_kwargs and (model is None or isinstance(model, torch.nn.Module)):
         raise ConfigError("Unknown keyword arguments", where="load_pretrained(...)", got=sorted(model_kwargs),
                           expected="config overrides only with model='auto' or a transformers class",
                           fix="check the argument names, or pass a transformers model class")
-    job = Job(source=source, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-              token=token, model=model, device_map=device_map, dtype=dtype, max_memory=max_memory,
-              tp_size=tp_size, cluster=cluster, transport=transport, allow_pickle=allow_pickle,
-              trust_remote_code=trust_remote_code, strict=strict, bucket_bytes=bucket_bytes,
-              chunk_bytes=chunk_bytes, threads=threads, progress=progress,
-              report_memory=report_memory, verify_checksums=verify_checksums, key_mapping=key_mapping,
-              reader_factory=reader_factory, phase_hook=phase_hook, storage_options=storage_options,
-              timeout=timeout, model_kwargs=dict(model_kwargs))
-    group = setup_group(timeout)
+    group = setup_group(request.timeout)
     ok = False
     try:
-        result, report = _load(group, job, return_report)
+        result, report = _load(group, request)
         ok = True
     finally:
         teardown_group(group, ok)  # the default group stays: the model may need it (TP)
@@ -114,7 +92,7 @@ def _device_for(group: Group) -> torch.device:
     return torch.device("cpu")
 
 
-def _load(group: Group, job: Job, want_report: bool) -> tuple[Any, dict | None]:
+def _load(group: Group, request: LoadRequest) -> tuple[Any, dict | None]:
     clock = PhaseClock()
     device = _device_for(group)
     facts = {"rank": group.rank, "local_rank": group.local_rank, "host": group.node, "device": str(device),
@@ -122,22 +100,21 @@ def _load(group: Group, job: Job, want_report: bool) -> tuple[Any, dict | None]:
     clock.start("plan")
     error = None
     try:
-        if job.phase_hook is not None:
-            job.phase_hook("plan", group.rank)
-        resolve_dtype(job.dtype, None)  # a bad dtype fails every rank before any byte is read
+        at_phase("plan", group.rank)
+        resolve_dtype(request.dtype, None)  # a bad dtype fails every rank before any byte is read
     except BaseException as exc:  # noqa: BLE001 - exchanged with the facts: every rank raises
         if isinstance(exc, KeyboardInterrupt) and group.world_size == 1:
             raise
         error = exc
-    local = resolve_node_local(group, job)
+    local = resolve_node_local(group, request)
     if local is not None:
         facts["local_source"] = local
     all_facts = gather_facts(group, facts, error)
-    payload = coordinate(group, lambda: plan_on_rank0(job, all_facts, uuid.uuid4().hex[:12]))
+    payload = coordinate(group, lambda: plan_on_rank0(request, all_facts, uuid.uuid4().hex[:12]))
     if local is not None and "root" in local:
         payload["root"], payload["local_stamps"] = local["root"], local["stamps"]
     clock.stop("plan")
-    result, stats, plan = execute_plan(group, job, payload, device, clock)
+    result, stats, plan = execute_plan(group, request, payload, device, clock)
     report = LoadReport(rank=group.rank, node=group.node, device=str(device), transport=payload["transport"])
     report.read_bytes, report.recv_bytes, report.sent_bytes = stats.read_bytes, stats.recv_bytes, stats.sent_bytes
     report.cross_node_sent, report.cross_node_recv = stats.cross_node_sent, stats.cross_node_recv
@@ -147,9 +124,9 @@ def _load(group: Group, job: Job, want_report: bool) -> tuple[Any, dict | None]:
     report.phases = clock.phases
     for name, start, end in stats.events:  # read / transfer / views inside the move phase
         report.phases[name] = [start - clock.t0, end - clock.t0]
-    if not want_report:
+    if not request.return_report:
         return result, None
-    if job.report_memory:
+    if request.report_memory:
         _touch(result)
         report.__dict__.update(memory_now())
     reports = gather_reports(group, report)

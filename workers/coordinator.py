@@ -18,7 +18,7 @@ import os
 import pickle
 import socket
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -30,8 +30,12 @@ from weightcast.orchestrator.errors import LoadError, WeightcastError
 
 @dataclass
 class Group:
-    """The ranks of one load. ``pg`` is a gloo group with the load's timeout (None: one rank);
-    ``data_pg`` moves tensor data (the same group on CPU, the NCCL default group on CUDA)."""
+    """The ranks of one load (or save). ``pg`` is a gloo group with the call's timeout (None:
+    one rank), for the coordination round and status exchanges; ``phase_pg`` a second one for
+    what happens inside a phase, dropped by a failing rank (:func:`abort_phase`); ``data_pg``
+    moves tensor data (``phase_pg`` on CPU, the NCCL default group on CUDA). ``processes``:
+    every rank's ``(host, pid)``, to name dead peers. ``watch`` and ``hook``: a save's
+    liveness watch and fault hook (see :mod:`weightcast.workers.save`)."""
     rank: int
     world_size: int
     local_rank: int
@@ -41,7 +45,10 @@ class Group:
     data_pg: Any = None
     timeout: float = 300.0
     owns_default: bool = False
-    extra: dict = field(default_factory=dict)
+    phase_pg: Any = None
+    processes: tuple[tuple[str, int], ...] = ()
+    watch: Any = None
+    hook: Callable[[str, str], None] | None = None
 
 
 def setup_group(timeout: float, env: dict[str, str] | None = None) -> Group:
@@ -51,7 +58,7 @@ def setup_group(timeout: float, env: dict[str, str] | None = None) -> Group:
     (``env://``; nccl when CUDA is available, gloo otherwise); else a single rank.
     Two gloo groups with ``timeout`` are created either way, so a dead peer becomes an error
     within ``timeout`` even when the user's group has the 30-minute default: ``pg`` for the
-    coordination round and the status exchanges, and ``extra["phase_pg"]`` for what happens
+    coordination round and the status exchanges, and ``phase_pg`` for what happens
     inside a phase (the data itself on CPU, barriers), which a failing rank drops
     (:func:`abort_phase`) so that peers waiting on it fail at once. The two groups of a load that
     ended well on every rank are kept for the next load in the same process (see
@@ -76,10 +83,9 @@ def setup_group(timeout: float, env: dict[str, str] | None = None) -> Group:
     default_backend = dist.get_backend()
     pg, phase_pg = _control_groups(env, timeout)
     data_pg = phase_pg if default_backend == "gloo" else dist.group.WORLD
-    group = Group(rank, world, local_rank, local_world, node, pg, data_pg, timeout, owns)
-    group.extra["phase_pg"] = phase_pg
+    group = Group(rank, world, local_rank, local_world, node, pg, data_pg, timeout, owns, phase_pg=phase_pg)
     me = json.dumps([socket.gethostname(), os.getpid()]).encode()
-    group.extra["processes"] = [json.loads(b) for b in all_gather_bytes(group, me, "joining the load")]
+    group.processes = tuple(tuple(json.loads(b)) for b in all_gather_bytes(group, me, "joining the load"))
     return group
 
 
@@ -136,7 +142,7 @@ def teardown_group(group: Group, ok: bool = False) -> None:
     every rank (``ok``, with its phase group intact) the groups are kept for the next load of
     this process; otherwise they are destroyed. The default group stays initialised, created by
     this load or not: the loaded model may use it."""
-    phase_pg = group.extra.pop("phase_pg", None)
+    phase_pg, group.phase_pg = group.phase_pg, None
     if ok and group.pg is not None and phase_pg is not None and dist.is_initialized():
         release_kept()
         _KEPT.append((dist.group.WORLD, group.timeout, group.pg, phase_pg))
@@ -161,7 +167,7 @@ def abort_phase(group: Group, error: BaseException | None = None) -> None:
     exchange). Its connections close, so peers blocked in a transfer or a barrier with this
     rank fail at once instead of after ``timeout``, and every rank meets in the status exchange
     on ``group.pg``. ``error``'s frames are cleared: pending requests there hold the group."""
-    pg = group.extra.pop("phase_pg", None)
+    pg, group.phase_pg = group.phase_pg, None
     if pg is None:
         return
     if group.data_pg is pg:
@@ -220,7 +226,7 @@ def barrier(group: Group, what: str = "a barrier") -> None:
     """All ranks wait for each other (collective; bounded by the group's timeout). Runs on the
     phase group, so a rank failing inside the phase releases the others (see abort_phase)."""
     if group.world_size > 1:
-        pg = group.extra.get("phase_pg", group.pg)
+        pg = group.phase_pg if group.phase_pg is not None else group.pg
         guarded(group, what, lambda: _all_gather_bytes(group, b"", pg))
 
 
@@ -257,7 +263,7 @@ def lost_peer(group: Group, what: str, exc: BaseException, own_error: BaseExcept
 def dead_ranks(group: Group) -> list[int]:
     """Ranks on this machine whose process has exited (known from the pids exchanged at setup)."""
     host = socket.gethostname()
-    return [r for r, (h, pid) in enumerate(group.extra.get("processes", ()))
+    return [r for r, (h, pid) in enumerate(group.processes)
             if h == host and r != group.rank and not _running(pid)]
 
 

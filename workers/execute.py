@@ -6,59 +6,27 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from weightcast.orchestrator.errors import ConfigError
 from weightcast.orchestrator.planner import owned_of
+from weightcast.orchestrator.request import LoadRequest
 from weightcast.workers.coordinator import Group, abort_phase, sync_status
 from weightcast.workers.materialize import cast_tensors, resolve_dtype
 from weightcast.workers.model_load import first_float_dtype, init_seed, materialize_model, model_dtype
-from weightcast.workers.reader import FileReader
 from weightcast.workers.report import PhaseClock
+from weightcast.workers.testing import at_phase, make_reader
 from weightcast.workers.transfer import TransferStats
 
 
-@dataclass
-class Job:
-    """The arguments of one ``load_pretrained`` call (identical on every rank)."""
-    source: str
-    revision: str | None = None
-    cache_dir: str | None = None
-    local_files_only: bool | None = None
-    token: str | None = None
-    model: Any = "auto"
-    device_map: Any = "replicate"
-    dtype: Any = "auto"
-    max_memory: dict | None = None
-    tp_size: int | None = None
-    cluster: Any = None
-    transport: str = "auto"
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    strict: bool = True
-    bucket_bytes: int = 256 << 20
-    chunk_bytes: int = 64 << 20
-    threads: int = 4
-    progress: bool = True
-    report_memory: bool = True
-    verify_checksums: bool = False
-    key_mapping: dict | None = None
-    reader_factory: Callable | None = None
-    phase_hook: Callable[[str, int], None] | None = None
-    storage_options: dict | None = None  # s3:// sources: client settings (workers.s3.S3Options)
-    timeout: float = 300.0
-    model_kwargs: dict = dataclasses.field(default_factory=dict)
-
-
-def _cluster(job: Job, facts: list[dict]):
+def _cluster(request: LoadRequest, facts: list[dict]):
     from weightcast.orchestrator.cluster import ClusterSpec, cluster_from_facts, load_cluster
     facts = [{k: v for k, v in f.items() if k != "local_source"} for f in facts]
-    if job.cluster is None:
+    if request.cluster is None:
         return cluster_from_facts(facts)
-    spec = job.cluster if isinstance(job.cluster, ClusterSpec) else load_cluster(os.fspath(job.cluster))
+    spec = request.cluster if isinstance(request.cluster, ClusterSpec) else load_cluster(os.fspath(request.cluster))
     if spec.world_size != len(facts):
         raise ConfigError("The cluster spec does not match the job", where="cluster argument",
                           expected=f"{len(facts)} ranks (the job's world size)", got=f"{spec.world_size} ranks",
@@ -67,21 +35,15 @@ def _cluster(job: Job, facts: list[dict]):
     return cluster_from_facts(facts, template=spec)
 
 
-def node_source(job: Job, node: str) -> str:
-    """The source as seen on ``node``: ``{node}`` in a path is replaced by the node's name, so
-    node-local copies may live in per-node directories."""
-    return job.source.replace("{node}", node) if "{node}" in job.source else job.source
-
-
-def _storage_of(job: Job) -> str:
-    if job.cluster is None:
+def _storage_of(request: LoadRequest) -> str:
+    if request.cluster is None:
         return "shared"
     from weightcast.orchestrator.cluster import ClusterSpec, load_cluster
-    spec = job.cluster if isinstance(job.cluster, ClusterSpec) else load_cluster(os.fspath(job.cluster))
+    spec = request.cluster if isinstance(request.cluster, ClusterSpec) else load_cluster(os.fspath(request.cluster))
     return spec.storage
 
 
-def resolve_node_local(group: Group, job: Job) -> dict | None:
+def resolve_node_local(group: Group, request: LoadRequest) -> dict | None:
     """Node-local storage only (collective): local rank 0 of each node resolves (and for a hub
     repo downloads) the node's own copy while the node's other ranks wait, then every rank
     resolves it offline. Returns this rank's facts: root, file stamps and commit, or an error
@@ -95,18 +57,18 @@ def resolve_node_local(group: Group, job: Job) -> dict | None:
     from weightcast.workers.coordinator import barrier
     out: dict = {}
     if group.local_rank == 0:
-        out = _resolve_here(job, group.node, offline=job.local_files_only)
+        out = _resolve_here(request, group.node, offline=request.local_files_only)
     barrier(group)
     if group.local_rank != 0:
-        out = _resolve_here(job, group.node, offline=True)
+        out = _resolve_here(request, group.node, offline=True)
     return out
 
 
-def _resolve_here(job: Job, node: str, offline: bool | None) -> dict:
+def _resolve_here(request: LoadRequest, node: str, offline: bool | None) -> dict:
     from weightcast.orchestrator.source import resolve_source
     try:
-        src = resolve_source(node_source(job, node), revision=job.revision, cache_dir=job.cache_dir,
-                             local_files_only=offline, token=job.token, allow_pickle=job.allow_pickle)
+        src = resolve_source(request.node_source(node), revision=request.revision, cache_dir=request.cache_dir,
+                             local_files_only=offline, token=request.token, allow_pickle=request.allow_pickle)
         stamps = {}
         for name in src.weight_files:
             st = os.stat(os.path.join(src.root, name))
@@ -133,13 +95,13 @@ def _check_node_copies(facts: list[dict]) -> None:
     compare_snapshots(list(per_node.values()))
 
 
-def _transport(job: Job, facts: list[dict]) -> str:
-    if job.transport != "auto":
-        return job.transport
+def _transport(request: LoadRequest, facts: list[dict]) -> str:
+    if request.transport != "auto":
+        return request.transport
     return "collective" if any(f["device"].startswith("cuda") for f in facts) else "node-shared"
 
 
-def plan_on_rank0(job: Job, facts: list[dict], load_id: str) -> dict:
+def plan_on_rank0(request: LoadRequest, facts: list[dict], load_id: str) -> dict:
     """Rank 0 only: resolve the source, parse the index, build the device map and the plan.
     Returns the JSON-able payload every rank receives."""
     from weightcast.orchestrator.checkpoint import load_index
@@ -149,58 +111,58 @@ def plan_on_rank0(job: Job, facts: list[dict], load_id: str) -> dict:
     from weightcast.orchestrator.object_source import is_object_url
     if any("local_source" in f for f in facts):
         _check_node_copies(facts)
-    if is_object_url(job.source):
+    if is_object_url(request.source):
         from weightcast.orchestrator.object_source import load_object_index
         from weightcast.workers.s3 import open_checkpoint
-        store, ckpt = open_checkpoint(job.source, job.storage_options, job.timeout)
+        store, ckpt = open_checkpoint(request.source, request.storage_options, request.timeout)
         src = ckpt.source
     else:
-        src = resolve_source(node_source(job, facts[0]["host"]), revision=job.revision, cache_dir=job.cache_dir,
-                             local_files_only=job.local_files_only, token=job.token, allow_pickle=job.allow_pickle)
+        src = resolve_source(request.node_source(facts[0]["host"]), revision=request.revision, cache_dir=request.cache_dir,
+                             local_files_only=request.local_files_only, token=request.token, allow_pickle=request.allow_pickle)
     if src.kind == "pickle":
         return {"kind": "pickle", "root": src.root, "files": list(src.weight_files), "config": src.config,
                 "transport": "pickle", "checkpoint_bytes": 0, "load_id": load_id, "init_seed": init_seed()}
-    _refuse_remote_code(job, src.config)
-    if is_object_url(job.source):
+    _refuse_remote_code(request, src.config)
+    if is_object_url(request.source):
         index = load_object_index(store, ckpt)
     else:
         _check_cache_files(src)
-        index = load_index(_index_path(job, facts[0]["host"], src.root), cache_root=src.cache_root)
-    cluster = _cluster(job, facts)
-    dm = build_device_map(index, cluster, job.device_map, max_memory=job.max_memory, tp_size=job.tp_size,
+        index = load_index(_index_path(request, facts[0]["host"], src.root), cache_root=src.cache_root)
+    cluster = _cluster(request, facts)
+    dm = build_device_map(index, cluster, request.device_map, max_memory=request.max_memory, tp_size=request.tp_size,
                           config=src.config)
-    transport = _transport(job, facts)
-    options = PlanOptions(transport=transport, chunk_bytes=job.chunk_bytes, bucket_bytes=job.bucket_bytes)
+    transport = _transport(request, facts)
+    options = PlanOptions(transport=transport, chunk_bytes=request.chunk_bytes, bucket_bytes=request.bucket_bytes)
     plan = plan_load(index, cluster, dm, options)
     _check_fits(plan, cluster, index)
     payload = {"kind": "safetensors", "root": src.root, "config": src.config, "transport": transport,
                "plan": plan_to_json(plan).decode(), "device_map": device_map_to_json(dm),
                "checkpoint_bytes": index.total_bytes, "load_id": load_id, "init_seed": init_seed(),
                "auto_dtype": first_float_dtype(index)}
-    if job.verify_checksums:
+    if request.verify_checksums:
         payload["crc32"] = checksums_of(index)
     return payload
 
 
-def _refuse_remote_code(job: Job, config: dict | None) -> None:
+def _refuse_remote_code(request: LoadRequest, config: dict | None) -> None:
     """Rank 0, before reading any weight: a transformers model whose config.json asks for remote
     code (``auto_map``) that transformers has no class for needs ``trust_remote_code=True``
     (a native model type carrying an ``auto_map`` loads with the library's class, as in
     from_pretrained)."""
-    if job.trust_remote_code or not config or not config.get("auto_map") or job.model is None:
+    if request.trust_remote_code or not config or not config.get("auto_map") or request.model is None:
         return
     from weightcast.workers.hf_model import is_hf_class, needs_remote_code
-    if (job.model == "auto" or is_hf_class(job.model)) and needs_remote_code(config):
+    if (request.model == "auto" or is_hf_class(request.model)) and needs_remote_code(config):
         from weightcast.orchestrator.errors import RemoteCodeRefusedError
         raise RemoteCodeRefusedError("config.json asks for remote code (auto_map)", where="config.json",
                                      got=f"auto_map={config['auto_map']!r}"[:300],
                                      fix="review that code and pass trust_remote_code=True, or pass model=<factory>")
 
 
-def _index_path(job: Job, node: str, root: str) -> str:
+def _index_path(request: LoadRequest, node: str, root: str) -> str:
     """What to index: the file the source names (an explicit ``model.safetensors`` beside an
     index loads that file, as from_pretrained does), else the checkpoint directory."""
-    path = os.path.expanduser(node_source(job, node))
+    path = os.path.expanduser(request.node_source(node))
     return os.path.abspath(path) if os.path.isfile(path) and path.endswith(".safetensors") else root
 
 
@@ -251,14 +213,13 @@ def _check_cache_files(src) -> None:
     check_snapshot_files(src.root, list(src.weight_files))
 
 
-def _phase(group: Group, job: Job, clock: PhaseClock, name: str, fn: Callable[[], Any],
+def _phase(group: Group, request: LoadRequest, clock: PhaseClock, name: str, fn: Callable[[], Any],
            cleanup: Callable[[], None] | None = None) -> Any:
     """Run one phase on this rank, then exchange status: every rank raises if any failed."""
     clock.start(name)
     result, error = None, None
     try:
-        if job.phase_hook is not None:
-            job.phase_hook(name, group.rank)
+        at_phase(name, group.rank)
         result = fn()
     except BaseException as exc:  # noqa: BLE001 - reported to every rank by sync_status
         if isinstance(exc, KeyboardInterrupt) and group.world_size == 1:
@@ -276,21 +237,21 @@ def _phase(group: Group, job: Job, clock: PhaseClock, name: str, fn: Callable[[]
     return result
 
 
-def execute_plan(group: Group, job: Job, payload: dict, device: torch.device, clock: PhaseClock):
+def execute_plan(group: Group, request: LoadRequest, payload: dict, device: torch.device, clock: PhaseClock):
     """Every rank: read and move per the plan, then materialize (collective)."""
     if payload["kind"] == "pickle":
         from weightcast.workers.pickle_load import load_pickle
-        tensors = _phase(group, job, clock, "read", lambda: load_pickle(payload, job, group))
+        tensors = _phase(group, request, clock, "read", lambda: load_pickle(payload, request, group))
         stats, plan = TransferStats(read_bytes=0), None
     else:
         from weightcast.orchestrator.planner import plan_from_json
         plan = plan_from_json(payload["plan"].encode())
-        tensors, stats = _phase(group, job, clock, "transfer",
-                                lambda: _verified(_move(group, job, payload, plan, device), payload, plan, group.rank),
+        tensors, stats = _phase(group, request, clock, "transfer",
+                                lambda: _verified(_move(group, request, payload, plan, device), payload, plan, group.rank),
                                 cleanup=lambda: _remove_areas(payload))
     stats.owned_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     owned = owned_of(plan, group.rank) if plan is not None else ()
-    result = _phase(group, job, clock, "materialize", lambda: _materialize(group, job, payload, tensors, device, owned))
+    result = _phase(group, request, clock, "materialize", lambda: _materialize(group, request, payload, tensors, device, owned))
     return result, stats, plan
 
 
@@ -311,7 +272,7 @@ def _remove_areas(payload: dict) -> None:
     remove_areas(payload["load_id"])
 
 
-def _move(group: Group, job: Job, payload: dict, plan, device: torch.device):
+def _move(group: Group, request: LoadRequest, payload: dict, plan, device: torch.device):
     root = payload["root"]
     files = plan.files
     if "local_stamps" in payload:  # node-local copy: this node's own sizes and mtimes
@@ -319,23 +280,26 @@ def _move(group: Group, job: Job, payload: dict, plan, device: torch.device):
         files = tuple(FileStamp(f.name, *payload["local_stamps"].get(f.name, (f.size, f.mtime_ns)))
                       for f in plan.files)
         plan = dataclasses.replace(plan, files=files)
-    if job.reader_factory:
-        reader = job.reader_factory(root, files)
-    elif root.startswith("s3://"):
-        from weightcast.workers.s3 import reader_for
-        reader = reader_for(root, files, job.storage_options, job.timeout)
-    else:
-        reader = FileReader(root, files)
+    reader = make_reader(root, files, lambda: _storage_reader(request, root, files))
     try:
         if payload["transport"] == "node-shared":
             from weightcast.workers.staging import reclaim_stale, run_node_shared
             if group.local_rank == 0:
                 reclaim_stale()
-            return run_node_shared(group, plan, root, reader, payload["load_id"], job.threads, job.progress)
+            return run_node_shared(group, plan, root, reader, payload["load_id"], request.threads, request.progress)
         from weightcast.workers.transfer import run_collective
-        return run_collective(group, plan, reader, device, job.threads)
+        return run_collective(group, plan, reader, device, request.threads)
     finally:
         reader.close()
+
+
+def _storage_reader(request: LoadRequest, root: str, files: tuple) -> Any:
+    """This rank's real reader: ranged GETs for an object store, else the file reader."""
+    if root.startswith("s3://"):
+        from weightcast.workers.s3 import reader_for
+        return reader_for(root, files, request.storage_options, request.timeout)
+    from weightcast.workers.reader import FileReader
+    return FileReader(root, files)
 
 
 class OwnedTensors(dict):
@@ -348,24 +312,24 @@ class OwnedTensors(dict):
         self.full_shapes = {o.name: tuple(o.shape) for o in owned}
 
 
-def _materialize(group: Group, job: Job, payload: dict, tensors: dict, device: torch.device,
+def _materialize(group: Group, request: LoadRequest, payload: dict, tensors: dict, device: torch.device,
                  plan_owned: tuple = ()):
-    if job.model is None:  # dtype="auto": the tensors as stored, as safetensors' load_file returns them
-        dtype = None if job.dtype == "auto" else resolve_dtype(job.dtype, payload.get("config"))
+    if request.model is None:  # dtype="auto": the tensors as stored, as safetensors' load_file returns them
+        dtype = None if request.dtype == "auto" else resolve_dtype(request.dtype, payload.get("config"))
         return OwnedTensors(cast_tensors(tensors, dtype), plan_owned)
     if payload["kind"] == "pickle":
-        return materialize_model(job, payload, tensors, device)
+        return materialize_model(request, payload, tensors, device)
     from weightcast.orchestrator.device_map import device_map_from_json, hf_device_map
     dm = device_map_from_json(payload["device_map"])
     if dm.strategy == "tp":
         from weightcast.workers.tp import materialize_tp
-        return materialize_tp(job, payload, cast_tensors(tensors, model_dtype(job.dtype, payload)), device, group)
+        return materialize_tp(request, payload, cast_tensors(tensors, model_dtype(request.dtype, payload)), device, group)
     if dm.strategy == "fsdp":
         from weightcast.workers.fsdp import materialize_fsdp
-        return materialize_fsdp(job, payload, cast_tensors(tensors, model_dtype(job.dtype, payload)), device, group)
+        return materialize_fsdp(request, payload, cast_tensors(tensors, model_dtype(request.dtype, payload)), device, group)
     if dm.strategy == "replicate":
-        return materialize_model(job, payload, tensors, device)
+        return materialize_model(request, payload, tensors, device)
     from weightcast.workers.model_load import owns_of
-    module = materialize_model(job, payload, tensors, device, owns=owns_of(dm, group.rank))
+    module = materialize_model(request, payload, tensors, device, owns=owns_of(dm, group.rank))
     module.hf_device_map = hf_device_map(dm, group.rank)
     return module

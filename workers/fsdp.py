@@ -23,18 +23,18 @@ from weightcast.orchestrator.errors import ModelMismatchError
 from weightcast.workers.materialize import build_skeleton, check_keys
 
 
-def materialize_fsdp(job: Any, payload: dict, tensors: dict[str, torch.Tensor], device: torch.device,
+def materialize_fsdp(request: Any, payload: dict, tensors: dict[str, torch.Tensor], device: torch.device,
                      group: Any) -> torch.nn.Module:
     """This rank's FSDP2 model (collective over every rank of the load)."""
     dm = device_map_from_json(payload["device_map"])
-    module = build_skeleton(job.model, payload.get("config"), job.trust_remote_code)
+    module = build_skeleton(request.model, payload.get("config"), request.trust_remote_code)
     mesh = fsdp_mesh(shard_groups(dm), device)
     apply_fully_shard(module, mesh)
     state = _sharded_state(module, dm, tensors, device)
     result = module.load_state_dict(state, strict=False, assign=True)
     if hasattr(module, "tie_weights"):
         module.tie_weights()
-    check_keys(module, result.unexpected_keys, job.strict)
+    check_keys(module, result.unexpected_keys, request.strict)
     module.device_mesh = mesh
     module.eval()  # as from_pretrained returns it; call model.train() to train
     return module

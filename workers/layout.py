@@ -84,14 +84,6 @@ def owners_of(plan: LoadPlan, tensor: str) -> list[Owned]:
     return [table._make(row, r) for row in table.rows if row.name == tensor for r in row.ranks]
 
 
-def chunks_of(plan: LoadPlan) -> dict[str, list[Chunk]]:
-    """Chunks per tensor, in tensor order."""
-    out: dict[str, list[Chunk]] = {}
-    for c in plan.chunks:
-        out.setdefault(c.tensor, []).append(c)
-    return out
-
-
 def byte_view(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous tensor's bytes (no copy)."""
     flat = t.reshape(-1)

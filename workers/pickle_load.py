@@ -7,10 +7,12 @@ keeps every tensor (``replicate`` only). Not collective.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
 from weightcast.orchestrator.errors import CheckpointFormatError, ConfigError, PickleRefusedError
+from weightcast.orchestrator.request import LoadRequest
 
 
 def _load_one(path: str) -> dict:
@@ -23,13 +25,14 @@ def _load_one(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_pickle(payload: dict, job, group) -> dict[str, torch.Tensor]:
-    if not job.allow_pickle:
+def load_pickle(payload: dict, request: LoadRequest, group: Any) -> dict[str, torch.Tensor]:
+    """Every rank, pickle checkpoints: load every file (not collective)."""
+    if not request.allow_pickle:
         raise PickleRefusedError("Pickle weights are refused", where=payload["root"],
                                  fix="convert the checkpoint to safetensors, or pass allow_pickle=True")
-    if job.device_map not in ("replicate", None):
+    if request.device_map not in ("replicate", None):
         raise ConfigError("Pickle checkpoints load only with device_map='replicate'",
-                          where=payload["root"], got=repr(job.device_map),
+                          where=payload["root"], got=repr(request.device_map),
                           fix="convert the checkpoint to safetensors (weightcast save) for other device maps")
     out: dict[str, torch.Tensor] = {}
     for name in payload["files"]:

@@ -3,8 +3,8 @@
 ``StorageReader`` is the one interface: ``read_into(file, offset, dest)`` fills ``dest`` (a
 writable buffer) with exactly ``len(dest)`` bytes of ``file`` starting at ``offset``, or raises
 :class:`StorageError`. ``FileReader`` is the real one (``os.preadv`` in large requests, files
-checked against the size and mtime the plan recorded); ``FakeReader`` wraps another reader and
-injects faults (errors, short reads, delays) for tests. Every reader counts the bytes it read.
+checked against the size and mtime the plan recorded). Tests inject faulty readers through
+:mod:`weightcast.workers.testing`. Every reader counts the bytes it read.
 
 Readers are per rank and not collective; a reader may be used from several threads.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Protocol
@@ -132,48 +131,6 @@ def check_crc32(name: str, file: str, tensor, expected: str) -> None:
         raise StorageError("A tensor's bytes do not match the checksum in the checkpoint", where=f"tensor {name!r} "
                            f"in file {file!r}", expected=f"crc32 {expected} (__metadata__)", got=f"crc32 {got:08x}",
                            fix="the file is corrupt or changed during the load: re-download or re-save it")
-
-
-class FakeReader:
-    """A reader for tests: wraps a real reader (or an in-memory ``{file: bytes}``) and injects
-    faults. ``fail`` maps a file name (or ``"*"``) to an exception to raise; ``short`` makes
-    reads of those files return fewer bytes (reported as a short read); ``delay`` seconds are
-    slept before every read. ``requests`` records every (file, offset, length) asked for."""
-
-    def __init__(self, inner: StorageReader | dict[str, bytes], *, fail: dict[str, BaseException] | None = None,
-                 short: Iterable[str] = (), delay: float = 0.0) -> None:
-        self.inner = inner
-        self.fail = dict(fail or {})
-        self.short = set(short)
-        self.delay = delay
-        self.requests: list[tuple[str, int, int]] = []
-        self.bytes_read = 0
-
-    def read_into(self, file: str, offset: int, dest: memoryview) -> None:
-        view = memoryview(dest).cast("B")
-        self.requests.append((file, offset, len(view)))
-        if self.delay:
-            time.sleep(self.delay)
-        exc = self.fail.get(file) or self.fail.get("*")
-        if exc is not None:
-            raise exc
-        if file in self.short or "*" in self.short:
-            raise StorageError("Short read: the file ended early", where=f"{file} at byte {offset}",
-                               expected=f"{len(view)} bytes", got="fewer bytes",
-                               fix="the file was truncated or replaced during the load; reload it")
-        if isinstance(self.inner, dict):
-            data = self.inner[file][offset:offset + len(view)]
-            if len(data) != len(view):
-                raise StorageError("Short read", where=f"{file} at byte {offset}",
-                                   expected=f"{len(view)} bytes", got=f"{len(data)} bytes")
-            view[:] = data
-        else:
-            self.inner.read_into(file, offset, view)
-        self.bytes_read += len(view)
-
-    def close(self) -> None:
-        if not isinstance(self.inner, dict):
-            self.inner.close()
 
 
 class ReadPool:

@@ -66,7 +66,7 @@ def save_pretrained(state: dict[str, torch.Tensor] | torch.nn.Module, out_dir: s
     group = _open_group(timeout)
     _CALLS[0] += group.world_size > 1
     watch = Watch(group.rank, group.world_size, group.node, _CALLS[0])
-    group.extra.update(watch=watch, hook=_fault_hook or (lambda event, detail: None))
+    group.watch, group.hook = watch, _fault_hook or (lambda event, detail: None)
     try:
         _save(group, state, os.fspath(out_dir), max_shard_size, config, owned, order)
     finally:
@@ -102,7 +102,7 @@ def _drop(group: Group) -> None:
 
 def _save(group: Group, state: Any, out_dir: str, max_shard_size: int | str, config: dict | None,
           owned: Any, order: list[str] | None) -> None:
-    hook = group.extra["hook"]
+    hook = group.hook
     def collected() -> Collected:
         out = collect(state, group.rank, owned=owned, order=order, config=config)
         hook("collected", "")
@@ -144,7 +144,7 @@ def _step(group: Group, phase: str, fn: Callable[[], Any], cleanup: Callable[[],
             if cleanup is not None:
                 cleanup()
             raise
-        watch = group.extra["watch"]
+        watch = group.watch
         if isinstance(exc, PeerLost):  # waiting on a peer: this rank is not the one to blame
             watch.reached(phase)
             _drop(group)
@@ -163,13 +163,13 @@ def _exchange(group: Group, phase: str, fn: Callable[[], Any], alone: Any,
     (a peer failed, died or hung), every rank raises the one agreed LoadError."""
     if group.world_size == 1:
         return alone
-    group.extra["watch"].reached(phase)
+    group.watch.reached(phase)
     try:
         return fn()
     except BaseException as exc:
         _drop(group)
         root = exc.__cause__ if isinstance(exc, LoadError) and exc.__cause__ is not None else exc
-        verdict = group.extra["watch"].lost(phase, root)
+        verdict = group.watch.lost(phase, root)
         if cleanup is not None:
             cleanup()
         raise _error(verdict) from exc
@@ -178,7 +178,7 @@ def _exchange(group: Group, phase: str, fn: Callable[[], Any], alone: Any,
 def _commit(group: Group, plan: SavePlan) -> None:
     if group.rank == 0:
         save_fs.check_written(plan)
-        save_fs.commit(plan, group.extra["hook"])
+        save_fs.commit(plan, group.hook)
 
 
 # ------------------------------------------------------------------ writing
@@ -187,7 +187,7 @@ def _commit(group: Group, plan: SavePlan) -> None:
 def _write(group: Group, plan: SavePlan, local: Collected) -> None:
     """Every rank: send the slices others write, write the files this rank writes (receiving
     what it lacks), and on rank 0 the index and config; everything fsynced."""
-    hook, me = group.extra["hook"], group.rank
+    hook, me = group.hook, group.rank
     if me != 0:  # rank 0 holds it since it made it
         save_fs.hold(plan.tmp, strict=False)
     hook("planned", plan.tmp)

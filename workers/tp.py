@@ -21,21 +21,22 @@ import torch
 
 from weightcast.orchestrator.device_map import ClusterDeviceMap, Shard, device_map_from_json, shard_bounds
 from weightcast.orchestrator.errors import ModelMismatchError
+from weightcast.orchestrator.request import LoadRequest
 from weightcast.workers.materialize import build_skeleton, check_keys
 
 
-def materialize_tp(job: Any, payload: dict, tensors: dict[str, torch.Tensor], device: torch.device,
+def materialize_tp(request: LoadRequest, payload: dict, tensors: dict[str, torch.Tensor], device: torch.device,
                    group: Any) -> torch.nn.Module:
     """This rank's tensor-parallel model (collective over every rank of the load)."""
     dm = device_map_from_json(payload["device_map"])
-    module = build_skeleton(job.model, payload.get("config"), job.trust_remote_code, root=payload.get("root"),
-                            source=job.source, overrides=getattr(job, "model_kwargs", None) or {})
+    module = build_skeleton(request.model, payload.get("config"), request.trust_remote_code, root=payload.get("root"),
+                            source=request.source, overrides=request.model_kwargs)
     tied = _tied_partners(module, dm)
     styles = module_styles(module, dm, tied)
     groups = _shard_groups(dm)
     if not styles or not groups or len(groups[0]) == 1:
         from weightcast.workers.materialize import assign
-        return assign(module, tensors, strict=job.strict, device=device)
+        return assign(module, tensors, strict=request.strict, device=device)
     mesh = tp_mesh(groups, device, group.rank)
     from torch.distributed.tensor.parallel import parallelize_module
     parallelize_module(module, mesh, styles)
@@ -43,7 +44,7 @@ def materialize_tp(job: Any, payload: dict, tensors: dict[str, torch.Tensor], de
     module.load_state_dict(state, strict=False, assign=True)
     if hasattr(module, "tie_weights"):
         module.tie_weights()
-    _check_complete(module, state, job.strict)
+    _check_complete(module, state, request.strict)
     if device.type != "cpu":
         module.to(device)
     module.device_mesh = mesh
