@@ -148,6 +148,21 @@ def torch_dtype(code: str):
     return found
 
 
+def check_loadable_dtypes(tensors) -> None:
+    """Refuse, before any byte is read, tensors of sub-byte dtypes (``F4``: float4 e2m1, two per
+    byte; ``F6_*``). safetensors parses them and torch has ``float4_e2m1fn_x2``, but a tensor of
+    that dtype has half the last dimension its header declares, and the loader's views, slices and
+    shards are made per header element. ``tensors`` holds objects with ``name`` and ``dtype``."""
+    for t in tensors:
+        bits = DTYPE_BITS.get(t.dtype)
+        if bits is not None and bits % 8:
+            raise CheckpointFormatError(
+                f"Tensors of the sub-byte dtype {t.dtype} ({bits} bits per element) are not loaded",
+                where=f"tensor {t.name!r}", expected="dtypes of whole bytes (F32, BF16, F16, F8_*, integers...)",
+                got=t.dtype, fix="load this checkpoint with safetensors.torch.load_file or from_pretrained "
+                "(F4 becomes torch.float4_e2m1fn_x2 there), or store it in a byte-sized dtype")
+
+
 @dataclass(frozen=True, slots=True)
 class HeaderTensor:
     """One tensor of a header; ``begin``/``end`` are relative to the data region (after 8 + N)."""

@@ -333,3 +333,19 @@ def test_balanced_low_0_leaves_rank_0_the_overflow_only(tmp_path) -> None:
                                                                            2: index.total_bytes // 3})
     assert 0 in {p.rank for p in tight.placements.values()}
     assert dm.strategy == "balanced_low_0"
+
+
+def test_f4_checkpoint_refused_with_reason(tmp_path) -> None:
+    """safetensors reads F4 (float4 e2m1, two per byte) as torch.float4_e2m1fn_x2 with the last
+    dimension halved; this loader refuses it at planning with a reason instead of mis-viewing it."""
+    from safetensors.torch import load_file
+    from tests.ckpt_factory import write_raw
+    from weightcast.orchestrator.errors import CheckpointFormatError
+    from weightcast.orchestrator.safetensors_format import DTYPE_BITS
+    if "F4" not in DTYPE_BITS:
+        pytest.skip("the installed safetensors does not know F4")
+    header = {"__metadata__": {"format": "pt"}, "w": {"dtype": "F4", "shape": [4, 8], "data_offsets": [0, 16]}}
+    write_raw(tmp_path / "model.safetensors", header, bytes(range(16)))
+    assert load_file(str(tmp_path / "model.safetensors"))["w"].shape == (4, 4)
+    with pytest.raises(CheckpointFormatError, match="sub-byte dtype F4.*tensor 'w'"):
+        _load(tmp_path, model=None)

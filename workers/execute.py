@@ -15,6 +15,7 @@ from weightcast.orchestrator.planner import owned_of
 from weightcast.orchestrator.request import LoadRequest
 from weightcast.workers.coordinator import Group, abort_phase, sync_status
 from weightcast.workers.materialize import cast_tensors, resolve_dtype
+from weightcast.orchestrator.safetensors_format import check_loadable_dtypes
 from weightcast.workers.model_load import first_float_dtype, init_seed, materialize_model, model_dtype
 from weightcast.workers.report import PhaseClock
 from weightcast.workers.testing import at_phase, make_reader
@@ -128,6 +129,7 @@ def plan_on_rank0(request: LoadRequest, facts: list[dict], load_id: str) -> dict
     else:
         _check_cache_files(src)
         index = load_index(_index_path(request, facts[0]["host"], src.root), cache_root=src.cache_root)
+    check_loadable_dtypes(index.tensors)
     cluster = _cluster(request, facts)
     dm = build_device_map(index, cluster, request.device_map, max_memory=request.max_memory, tp_size=request.tp_size,
                           config=src.config)
