@@ -102,7 +102,8 @@ def build_device_map(index: "CheckpointIndex", cluster: "ClusterSpec",
                      no_split_module_classes: Sequence[str] | None = None,
                      no_split_prefixes: Sequence[str] | None = None,
                      tied: Sequence[Sequence[str]] | None = None,
-                     config: Mapping[str, Any] | None = None) -> ClusterDeviceMap:
+                     config: Mapping[str, Any] | None = None,
+                     key_rules: Mapping[str, Any] | None = None) -> ClusterDeviceMap:
     """Place every tensor of ``index`` on the ranks of ``cluster``.
 
     Called on the coordinator (rank 0) or by the CLI; pure (reads a JSON file only when
@@ -129,7 +130,7 @@ def build_device_map(index: "CheckpointIndex", cluster: "ClusterSpec",
         dm = fsdp_map(index, cluster, tied_groups)
     elif strategy == "tp":
         dm = device_map_tp.tp_map(index, cluster, tp_size=tp_size, tp_plan=tp_plan,
-                                  config=config, tied=tied_groups)
+                                  config=config, tied=tied_groups, key_rules=key_rules)
     else:
         dm = device_map_auto.auto_map(
             index, cluster, strategy, max_memory=max_memory, tied=tied_groups,

@@ -65,9 +65,13 @@ HEAD_CHECKS = (("q_proj", "num_attention_heads"), ("o_proj", "num_attention_head
 
 def tp_map(index: "CheckpointIndex", cluster: "ClusterSpec", *, tp_size: int | None,
            tp_plan: Mapping[str, str] | Sequence[tuple[str, str]] | None,
-           config: Mapping[str, Any] | None, tied: tuple[tuple[str, ...], ...]
-           ) -> ClusterDeviceMap:
-    """Placements of a ``tp`` map (see the module docstring)."""
+           config: Mapping[str, Any] | None, tied: tuple[tuple[str, ...], ...],
+           key_rules: Mapping[str, Any] | None = None) -> ClusterDeviceMap:
+    """Placements of a ``tp`` map (see the module docstring). With ``key_rules`` (one
+    :class:`weightcast.orchestrator.key_mapping.KeyRule` per checkpoint key, derived from the
+    model's own tp / ep plan) the rules place the tensors instead of the name patterns."""
+    if key_rules is not None:
+        return _rules_map(index, cluster, tp_size, key_rules, tied)
     plan = normalize_plan(tp_plan)
     matchers = [(_compile(p), STYLES[s]) for p, s in plan]
     size = choose_tp_size(cluster, tp_size)
@@ -86,6 +90,18 @@ def tp_map(index: "CheckpointIndex", cluster: "ClusterSpec", *, tp_size: int | N
         _check_heads(name, size, config)
         placements[name] = shards[dim]
     return ClusterDeviceMap(placements, "tp", tp_plan=plan, devices=cluster.devices, tied=tied)
+
+
+def _rules_map(index: "CheckpointIndex", cluster: "ClusterSpec", tp_size: int | None,
+               key_rules: Mapping[str, Any], tied: tuple[tuple[str, ...], ...]) -> ClusterDeviceMap:
+    from weightcast.orchestrator.key_mapping import rule_placements
+    groups = tp_groups(cluster, choose_tp_size(cluster, tp_size))
+    placements = rule_placements(list(index.names), key_rules, groups, cluster.world_size)
+    for name, p in placements.items():
+        if isinstance(p, Shard):
+            check_shardable(name, index.tensor(name).shape, p.dim, len(groups[0]))
+    return ClusterDeviceMap(placements, "tp", tp_plan=(("<model>", "transformers"),),
+                            devices=cluster.devices, tied=tied)
 
 
 def normalize_plan(tp_plan: Mapping[str, str] | Sequence[tuple[str, str]] | None

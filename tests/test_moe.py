@@ -22,3 +22,21 @@ def test_zoo_replicate_bit_identical(tmp_path, model_type: str) -> None:
         assert v["equal"], v
     read = results[0].value["read"]
     assert sum(read) == results[0].value["checkpoint"], read  # every byte read once: 1.00x
+
+
+@pytest.mark.parametrize("model_type", sorted(ZOO))
+def test_zoo_tp_follows_the_models_plan(tmp_path, model_type: str) -> None:
+    """device_map="tp" shards as from_pretrained(distributed_config=DistributedConfig(tp_size=2,
+    ep_size=2)) does: same local shapes and placements on every rank, half of the experts per rank,
+    logits within 1e-5 of the unsharded model, every byte read once."""
+    cls = save_zoo_model(tmp_path, model_type, dtype="float32")
+    results = spawn(2, "tests.moe_jobs:tp_vs_from_pretrained", {"source": str(tmp_path), "cls": cls}, timeout=240)
+    for r in results:
+        v = r.value
+        assert v["meta"] == [] and v["layout_equal"], v["layout_diff"]
+        assert v["vs_whole"] <= 1e-5 and v["vs_hf_tp"] <= 1e-5, v
+        if model_type != "mistral3":  # the MoEs: 4 experts, 2 per rank
+            assert v["local_experts"] and all(n == 2 for n in v["local_experts"]), v
+        assert v["param_bytes"] < 0.7 * v["whole_bytes"], v  # about half (+ replicated norms, router)
+    read = results[0].value["read"]
+    assert sum(read) == results[0].value["checkpoint"], read

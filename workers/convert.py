@@ -84,7 +84,7 @@ def map_checkpoint_keys(module: torch.nn.Module, keys: list[str],
 
 def load_into_model(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *,
                     key_mapping: Mapping[str, str] | None = None, dtype_plan: dict | None = None,
-                    progress: bool = False) -> Any:
+                    progress: bool = False, match_dtypes: bool = True) -> Any:
     """Fill the meta skeleton ``module`` (a transformers model) with ``tensors`` (checkpoint names,
     the tensors this rank holds) through transformers' ``convert_and_load_state_dict_in_model``;
     returns its ``LoadStateDictInfo``. Tensors keep their dtype (cast before, as the caller
@@ -97,10 +97,12 @@ def load_into_model(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.modeling_utils import LoadStateDictConfig
     mapping = conversion_mapping(module, key_mapping)
-    _match_meta_dtypes(module, tensors, map_checkpoint_keys(module, list(tensors), key_mapping))
+    if match_dtypes:
+        match_meta_dtypes(module, tensors, map_checkpoint_keys(module, list(tensors), key_mapping))
     config = LoadStateDictConfig(dtype=None, dtype_plan=dict(dtype_plan or {}), weight_mapping=mapping)
     with _progress_bars(progress):
         info, _ = convert_and_load_state_dict_in_model(module, tensors, config)
+    raise_mismatched(info)
     if info.conversion_errors:
         name, error = next(iter(info.conversion_errors.items()))
         raise ModelMismatchError("transformers' weight conversion failed", where=f"parameter {name}",
@@ -109,7 +111,7 @@ def load_into_model(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *
     return info
 
 
-def _match_meta_dtypes(module: torch.nn.Module, tensors: dict[str, torch.Tensor],
+def match_meta_dtypes(module: torch.nn.Module, tensors: Mapping[str, Any],
                        keys: dict[str, tuple[str, str | None]]) -> None:
     """Give each meta parameter the dtype of the checkpoint tensor(s) that make it, so transformers'
     loader keeps the tensors as they are (no cast, no copy) instead of casting to the skeleton's
@@ -140,3 +142,13 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
     finally:
         if was and not enabled:
             hf_logging.enable_progress_bar()
+
+
+def raise_mismatched(info: Any) -> None:
+    """A checkpoint tensor whose shape does not fit its parameter is an error (as from_pretrained
+    raises without ``ignore_mismatched_sizes``)."""
+    if info.mismatched_keys:
+        name, got, want = sorted(info.mismatched_keys, key=str)[0]
+        raise ModelMismatchError("A checkpoint tensor does not fit the model", where=f"parameter {name}",
+                                 expected=f"shape {tuple(want)}", got=f"shape {tuple(got)}",
+                                 fix="check that the checkpoint and config.json belong together")

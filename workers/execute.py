@@ -131,8 +131,9 @@ def plan_on_rank0(request: LoadRequest, facts: list[dict], load_id: str) -> dict
         index = load_index(_index_path(request, facts[0]["host"], src.root), cache_root=src.cache_root)
     check_loadable_dtypes(index.tensors)
     cluster = _cluster(request, facts)
+    model_tp = _model_tp_rules(request, src, index, cluster)
     dm = build_device_map(index, cluster, request.device_map, max_memory=request.max_memory, tp_size=request.tp_size,
-                          config=src.config)
+                          config=src.config, key_rules=model_tp[0] if model_tp else None)
     transport = _transport(request, facts)
     options = PlanOptions(transport=transport, chunk_bytes=request.chunk_bytes, bucket_bytes=request.bucket_bytes)
     plan = plan_load(index, cluster, dm, options)
@@ -141,9 +142,19 @@ def plan_on_rank0(request: LoadRequest, facts: list[dict], load_id: str) -> dict
                "plan": plan_to_json(plan).decode(), "device_map": device_map_to_json(dm),
                "checkpoint_bytes": index.total_bytes, "load_id": load_id, "init_seed": init_seed(),
                "auto_dtype": first_float_dtype(index)}
+    if model_tp:
+        payload["model_tp_size"] = model_tp[1]
     if request.verify_checksums:
         payload["crc32"] = checksums_of(index)
     return payload
+
+
+def _model_tp_rules(request: LoadRequest, src, index, cluster) -> tuple | None:
+    """Rank 0, ``device_map="tp"``: (key rules, tp size) from a transformers model's own plan."""
+    if not (isinstance(request.device_map, str) and request.device_map == "tp"):
+        return None
+    from weightcast.workers.tp_hf import plan_rules
+    return plan_rules(request, src, {t.name: tuple(t.shape) for t in index.tensors}, cluster)
 
 
 def _refuse_remote_code(request: LoadRequest, config: dict | None) -> None:
@@ -253,7 +264,8 @@ def execute_plan(group: Group, request: LoadRequest, payload: dict, device: torc
                                 cleanup=lambda: _remove_areas(payload))
     stats.owned_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     owned = owned_of(plan, group.rank) if plan is not None else ()
-    result = _phase(group, request, clock, "materialize", lambda: _materialize(group, request, payload, tensors, device, owned))
+    result = _phase(group, request, clock, "materialize",
+                    lambda: _materialize(group, request, payload, tensors, device, owned, plan))
     return result, stats, plan
 
 
@@ -315,7 +327,7 @@ class OwnedTensors(dict):
 
 
 def _materialize(group: Group, request: LoadRequest, payload: dict, tensors: dict, device: torch.device,
-                 plan_owned: tuple = ()):
+                 plan_owned: tuple = (), plan=None):
     if request.model is None:  # dtype="auto": the tensors as stored, as safetensors' load_file returns them
         dtype = None if request.dtype == "auto" else resolve_dtype(request.dtype, payload.get("config"))
         return OwnedTensors(cast_tensors(tensors, dtype), plan_owned)
@@ -323,6 +335,9 @@ def _materialize(group: Group, request: LoadRequest, payload: dict, tensors: dic
         return materialize_model(request, payload, tensors, device)
     from weightcast.orchestrator.device_map import device_map_from_json, hf_device_map
     dm = device_map_from_json(payload["device_map"])
+    if dm.strategy == "tp" and "model_tp_size" in payload:
+        from weightcast.workers.tp_hf import materialize_hf_tp
+        return materialize_hf_tp(request, payload, tensors, plan, plan_owned, group)
     if dm.strategy == "tp":
         from weightcast.workers.tp import materialize_tp
         return materialize_tp(request, payload, cast_tensors(tensors, model_dtype(request.dtype, payload)), device, group)
