@@ -202,7 +202,7 @@ def _raise_first_failure(results: list[RankResult]) -> None:
 
 def _reclaim_staging() -> None:
     try:
-        from weightcast.workers.staging import reclaim_stale
+        from weightcast.workers.staging_areas import reclaim_stale
         reclaim_stale()
     except (ImportError, OSError):  # pragma: no cover - staging unavailable here
         pass

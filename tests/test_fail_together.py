@@ -160,7 +160,7 @@ def test_reclaim_stale_removes_areas_of_dead_loads_only(tmp_path):
     """An area whose holder was killed is reclaimed; one a live process holds is kept."""
     import fcntl
     import multiprocessing
-    from weightcast.workers.staging import reclaim_stale
+    from weightcast.workers.staging_areas import reclaim_stale
     dead, live = tmp_path / "weightcast-deadload-n0-f0", tmp_path / "weightcast-liveload-n0-f0"
     ready = multiprocessing.get_context("fork").Event()
     proc = multiprocessing.get_context("fork").Process(target=_hold_area, args=(str(dead), ready))
@@ -207,7 +207,7 @@ def test_control_groups_kept_after_success_and_replaced_after_failure(ckpt):
 
 
 def _group_sequence(args: dict) -> list:
-    from weightcast.workers import coordinator
+    from weightcast.workers import process_group
     crcs, kept, held = [], [], []
     for i, timeout in enumerate([TIMEOUT, TIMEOUT, TIMEOUT, TIMEOUT, TIMEOUT + 1]):
         os.environ.pop("WC_FAULT", None)
@@ -217,8 +217,8 @@ def _group_sequence(args: dict) -> list:
             crcs.append(faults.load_scenario({**args, "timeout": timeout}))
         except Exception:  # noqa: BLE001 - the injected failure
             crcs.append(None)
-        kept.append(id(coordinator._KEPT[0][2]) if coordinator._KEPT else None)
+        kept.append(id(process_group._KEPT[0][2]) if process_group._KEPT else None)
         # keep the ids meaningful: hold every kept group so no id is reused by a new one
-        held.extend(g for e in coordinator._KEPT for g in e[2:])
+        held.extend(g for e in process_group._KEPT for g in e[2:])
     os.environ.pop("WC_FAULT", None)
     return [crcs, kept]

@@ -15,7 +15,9 @@ import torch
 
 from weightcast.orchestrator.errors import ConfigError
 from weightcast.orchestrator.request import LoadRequest
-from weightcast.workers.coordinator import Group, coordinate, gather_facts, setup_group, teardown_group
+from weightcast.workers.coordinator import coordinate, gather_facts
+from weightcast.workers.group import Group
+from weightcast.workers.process_group import setup_group, teardown_group
 from weightcast.workers.execute import execute_plan, plan_on_rank0, resolve_node_local
 from weightcast.workers.finish import LoadingInfo
 from weightcast.workers.finish import report as report_loading

@@ -13,7 +13,9 @@ import torch
 from weightcast.orchestrator.errors import ConfigError
 from weightcast.orchestrator.planner import owned_of
 from weightcast.orchestrator.request import LoadRequest
-from weightcast.workers.coordinator import Group, abort_phase, sync_status
+from weightcast.workers.coordinator import sync_status
+from weightcast.workers.group import Group
+from weightcast.workers.process_group import abort_phase
 from weightcast.workers.materialize import cast_tensors, resolve_dtype
 from weightcast.orchestrator.safetensors_format import check_loadable_dtypes
 from weightcast.workers.model_load import first_float_dtype, init_seed, materialize_model, model_dtype
@@ -50,12 +52,12 @@ def resolve_node_local(group: Group, request: LoadRequest) -> dict | None:
     resolves it offline. Returns this rank's facts: root, file stamps and commit, or an error
     message rank 0 turns into the load's error. None for shared storage."""
     try:
-        node_local = _storage_of(job) == "node-local"
+        node_local = _storage_of(request) == "node-local"
     except Exception:  # noqa: BLE001 - a bad cluster argument is reported by rank 0's planning
         node_local = False
     if not node_local:
         return None
-    from weightcast.workers.coordinator import barrier
+    from weightcast.workers.collectives import barrier
     out: dict = {}
     if group.local_rank == 0:
         out = _resolve_here(request, group.node, offline=request.local_files_only)
@@ -282,7 +284,7 @@ def _verified(moved: tuple, payload: dict, plan, rank: int) -> tuple:
 
 
 def _remove_areas(payload: dict) -> None:
-    from weightcast.workers.staging import remove_areas
+    from weightcast.workers.staging_areas import remove_areas
     remove_areas(payload["load_id"])
 
 
@@ -297,7 +299,8 @@ def _move(group: Group, request: LoadRequest, payload: dict, plan, device: torch
     reader = make_reader(root, files, lambda: _storage_reader(request, root, files))
     try:
         if payload["transport"] == "node-shared":
-            from weightcast.workers.staging import reclaim_stale, run_node_shared
+            from weightcast.workers.staging import run_node_shared
+            from weightcast.workers.staging_areas import reclaim_stale
             if group.local_rank == 0:
                 reclaim_stale()
             return run_node_shared(group, plan, root, reader, payload["load_id"], request.threads, request.progress)

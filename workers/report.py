@@ -11,7 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from weightcast.workers.coordinator import Group, all_gather_bytes
+from weightcast.workers.collectives import all_gather_bytes
+from weightcast.workers.group import Group
 
 
 @dataclass

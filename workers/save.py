@@ -36,7 +36,8 @@ from weightcast.orchestrator.options import check_timeout
 from weightcast.orchestrator.save_plan import (CONFIG_NAME, INDEX_NAME, SavePlan, manifest_from_json, manifest_to_json,
                                     plan_from_json, plan_save, plan_to_json)
 from weightcast.workers import save_fs
-from weightcast.workers.coordinator import Group, all_gather_bytes, barrier, broadcast_bytes
+from weightcast.workers.collectives import all_gather_bytes, barrier, broadcast_bytes
+from weightcast.workers.group import Group
 from weightcast.workers.save_collect import Collected, collect, torch_dtype
 from weightcast.workers.save_liveness import Watch
 

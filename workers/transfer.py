@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from weightcast.orchestrator.planner import Chunk, LoadPlan, ReadItem
-from weightcast.workers.coordinator import Group
+from weightcast.workers.group import Group
 from weightcast.workers.layout import (OwnedLayout, byte_view, chunk_region, local_shape, owned_by, owners_of,
                             torch_dtype, view_bytes_as)
 from weightcast.workers.reader import ReadPool, StorageReader
