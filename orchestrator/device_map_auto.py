@@ -119,12 +119,14 @@ def _spilled(where: Sequence[int | None], sizes: Sequence[int]) -> int:
 def memory_caps(cluster: "ClusterSpec", max_memory: Mapping[Any, Any] | None
                 ) -> tuple[list[int], int]:
     """Per-rank budgets and the spill budget of the last rank's host, from ``max_memory``
-    (``{rank: bytes or "40GB", "cpu": ...}``; rank keys may be strings of digits)."""
+    (``{rank: bytes or "40GB", "cpu": ...}``; rank keys may be strings of digits). ``"cpu"`` also
+    bounds every CPU rank without a key of its own (its device memory is its host's)."""
     from weightcast.orchestrator.cluster import parse_bytes
 
     caps = [int(r.device_memory * MEMORY_FRACTION) for r in cluster.ranks]
     last = cluster.ranks[-1]
     cpu_cap = int(last.host_memory * MEMORY_FRACTION) // cluster.local_world_size(last.node)
+    explicit: set[int] = set()
     for key, value in (max_memory or {}).items():
         where = f"max_memory[{key!r}]"
         if key == "cpu":
@@ -136,6 +138,11 @@ def memory_caps(cluster: "ClusterSpec", max_memory: Mapping[Any, Any] | None
             raise DeviceMapError("max_memory keys are ranks of the cluster or 'cpu'", where=where,
                                  expected=f"0..{len(caps) - 1} or 'cpu'", got=repr(key))
         caps[key] = parse_bytes(value, where=where)
+        explicit.add(key)
+    if "cpu" in (max_memory or {}):  # a CPU rank's device is its host: the "cpu" budget bounds it too
+        for r, spec in enumerate(cluster.ranks):
+            if spec.device == "cpu" and r not in explicit:
+                caps[r] = min(caps[r], cpu_cap)
     return caps, cpu_cap
 
 

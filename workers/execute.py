@@ -19,6 +19,7 @@ from weightcast.workers.process_group import abort_phase
 from weightcast.workers.materialize import cast_tensors, resolve_dtype
 from weightcast.orchestrator.safetensors_format import check_loadable_dtypes
 from weightcast.workers.model_load import first_float_dtype, init_seed, materialize_model, model_dtype
+from weightcast.workers.offload import disk_placements
 from weightcast.workers.report import PhaseClock
 from weightcast.workers.testing import at_phase, make_reader
 from weightcast.workers.transfer import TransferStats
@@ -143,7 +144,7 @@ def plan_on_rank0(request: LoadRequest, facts: list[dict], load_id: str) -> dict
     payload = {"kind": "safetensors", "root": src.root, "config": src.config, "transport": transport,
                "plan": plan_to_json(plan).decode(), "device_map": device_map_to_json(dm),
                "checkpoint_bytes": index.total_bytes, "load_id": load_id, "init_seed": init_seed(),
-               "auto_dtype": first_float_dtype(index)}
+               "auto_dtype": first_float_dtype(index), "disk": disk_placements(dm, index)}
     if model_tp:
         payload["model_tp_size"] = model_tp[1]
     if request.verify_checksums:
@@ -350,6 +351,6 @@ def _materialize(group: Group, request: LoadRequest, payload: dict, tensors: dic
     if dm.strategy == "replicate":
         return materialize_model(request, payload, tensors, device)
     from weightcast.workers.model_load import owns_of
-    module = materialize_model(request, payload, tensors, device, owns=owns_of(dm, group.rank))
+    module = materialize_model(request, payload, tensors, device, owns=owns_of(dm, group.rank), rank=group.rank)
     module.hf_device_map = hf_device_map(dm, group.rank)
     return module

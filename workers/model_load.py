@@ -31,25 +31,33 @@ def model_dtype(dtype: Any, payload: dict) -> torch.dtype | None:
 
 
 def materialize_model(job: Any, payload: dict, tensors: dict[str, torch.Tensor], device: torch.device,
-                      owns: Any = None) -> torch.nn.Module:
+                      owns: Callable[[str], bool] | None = None, rank: int = 0) -> torch.nn.Module:
     """This rank's model filled with ``tensors`` (checkpoint names), finished as from_pretrained
     finishes it. The loading report rides on the module as ``_weightcast_loading_info`` until
-    ``load_pretrained`` hands it out. ``owns(name)``: the missing keys this rank creates."""
+    ``load_pretrained`` hands it out. ``owns(name)``: the missing keys this rank creates.
+    Tensors the map puts on this rank's disk are dropped and offloaded (:mod:`workers.offload`)."""
+    from weightcast.workers.offload import attach_offload, offload_targets, split_offloaded
+    disk = payload.get("disk") or {}
+    tensors, offloaded = split_offloaded(tensors, disk, rank)
     dtype = model_dtype(job.dtype, payload)
     module = build_skeleton(job.model, payload.get("config"), job.trust_remote_code,
                             root=payload.get("root"), source=job.source,
                             overrides=getattr(job, "model_kwargs", None) or {}, dtype=dtype)
     check_kinds(module, tensors)
     plan = dtype_plan(module, dtype)
+    targets = offload_targets(module, offloaded, getattr(job, "key_mapping", None))
     info = _fill(module, cast_for_model(tensors, dtype, plan), job, plan)
+    base_owns = owns or (lambda name: True)
     opts = FinishOptions(dtype_of=lambda name: dtype_for(name, dtype, plan) or torch.get_default_dtype(),
-                         device=torch.device("cpu"), seed=int(payload.get("init_seed", 0)),
-                         strict=job.strict, owns=owns or (lambda name: True))
+                         device=torch.device("cpu"), seed=int(payload.get("init_seed", 0)), strict=job.strict,
+                         owns=lambda name: name not in targets and base_owns(name))
     finish_model(module, info, opts)
     if is_transformers_model(module):
         load_generation_config(module, payload.get("root"))
     if device.type != "cpu":
         module.to(device)
+    attach_offload(module, targets, payload.get("root", ""), {k: v[0] for k, v in disk.items()},
+                   lambda name: dtype_for(name, dtype, plan), device)
     module.eval()  # as from_pretrained returns it (dropout off)
     setattr(module, LOADING_INFO_ATTR, info)
     return module
