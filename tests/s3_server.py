@@ -142,3 +142,18 @@ def _wait_ready(server: SeaweedServer, timeout: float) -> None:
         time.sleep(0.3)
     raise RuntimeError(f"SeaweedFS did not serve S3 within {timeout:.0f} s at {server.endpoint} "
                        f"(last: {last}); log tail:\n{server.log_tail()}")
+
+
+def overwrite_hook(phase: str, rank: int) -> None:
+    """``phase_hook`` for fault tests: at the start of the transfer phase, rank 0 replaces the
+    object ``WC_S3_OVERWRITE`` (``bucket/key``) with the same bytes, last byte changed (same
+    size, new ETag): an object overwritten between planning and reading."""
+    target = os.environ.get("WC_S3_OVERWRITE")
+    if phase != "transfer" or rank != 0 or not target:
+        return
+    import boto3
+    bucket, key = target.split("/", 1)
+    client = boto3.client("s3")
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[-1] ^= 0xFF
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))

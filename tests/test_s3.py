@@ -6,8 +6,6 @@ reason (they are not skipped).
 """
 from __future__ import annotations
 
-import os
-import re
 import time
 from pathlib import Path
 
@@ -15,93 +13,24 @@ import boto3
 import ckpt_factory as cf  # sets HF_HUB_OFFLINE
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from s3_proxy import CountingProxy, Fault
-from s3_server import start_seaweedfs
+from s3_fixtures import (BUCKET, client, data_bytes_served, llama, proxy, s3env, server,  # noqa: F401
+                         store, upload_dir)
 from weightcast.launch.local import spawn
 from weightcast.orchestrator.checkpoint import load_index
-from weightcast.orchestrator.errors import CheckpointNotFoundError, ConfigError, StorageError
-from weightcast.orchestrator.object_source import (ObjectUrl, load_object_index, parse_object_url,
-                                                   resolve_object_source)
+from weightcast.orchestrator.errors import CheckpointNotFoundError, ConfigError
+from weightcast.orchestrator.object_source import load_object_index, parse_object_url, resolve_object_source
 from weightcast.workers.s3 import S3Options, S3Store
 
 pytestmark = pytest.mark.timeout(300)
-BUCKET = "models"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def proxy(server):
-    p = CountingProxy(server.endpoint)
-    yield p
-    p.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    env = server.env()
-    c = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                     aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
-    c.create_bucket(Bucket=BUCKET)
-    return c
-
-
-def upload_dir(client, local: Path, prefix: str) -> None:
-    """Every regular file of ``local`` as ``prefix/name`` (symlinks and folders have no S3 form)."""
-    for entry in sorted(local.iterdir()):
-        if entry.is_file() and not entry.is_symlink():
-            client.upload_file(str(entry), BUCKET, f"{prefix}/{entry.name}")
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory, client) -> Path:
-    d = tmp_path_factory.mktemp("llama")
-    cf.save_tiny_llama(d, tied=False, max_shard_size="100KB")
-    upload_dir(client, d, "llama")
-    return d
-
-
-@pytest.fixture
-def s3env(server, proxy, monkeypatch):
-    """The standard AWS variables, pointing at the proxy (the spawned ranks inherit them)."""
-    for key, value in server.env().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-    for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(key, raising=False)
-    proxy.clear()
-    return proxy
-
-
-def data_bytes_served(proxy: CountingProxy, local: Path, prefix: str) -> int:
-    """Body bytes of ranged GETs at or past each object's data start (the weight reads)."""
-    index = load_index(local)
-    starts = {f"/{BUCKET}/{prefix}/{f.name}": f.data_start for f in index.files}
-    total = 0
-    for s in proxy.served:
-        start = int(re.match(r"bytes=(\d+)-", s.range).group(1)) if s.range else 0
-        if s.method == "GET" and s.path in starts and start >= starts[s.path] and s.status == 206:
-            total += s.body_bytes
-    return total
-
-
-def _store(deadline: float = 60.0) -> S3Store:
-    return S3Store(BUCKET, S3Options(), deadline=time.monotonic() + deadline)
 
 
 # ------------------------------------------------------------------ planning
 
 
 def test_plan_reads_headers_with_ranged_gets(llama, s3env):
-    ckpt = resolve_object_source(_store(), parse_object_url(f"s3://{BUCKET}/llama"))
-    index = load_object_index(_store(), ckpt)
+    ckpt = resolve_object_source(store(), parse_object_url(f"s3://{BUCKET}/llama"))
+    index = load_object_index(store(), ckpt)
     local = load_index(llama)
     assert [(t.name, t.file, t.dtype, t.shape, t.offset, t.length) for t in index.tensors] == \
         [(t.name, t.file, t.dtype, t.shape, t.offset, t.length) for t in local.tensors]
@@ -119,7 +48,7 @@ def test_long_header_takes_a_second_request(tmp_path, client, s3env):
     names = {f"t{i:05d}_{'x' * 60}": torch.zeros(1) for i in range(1500)}  # a ~140 KB header
     cf.write_single(tmp_path, names)
     upload_dir(client, tmp_path, "longheader")
-    index = load_object_index(_store(), resolve_object_source(_store(), parse_object_url(f"s3://{BUCKET}/longheader")))
+    index = load_object_index(store(), resolve_object_source(store(), parse_object_url(f"s3://{BUCKET}/longheader")))
     assert len(index.tensors) == 1500
     gets = [s.range for s in s3env.served if s.method == "GET" and s.path.endswith("model.safetensors")]
     assert len(gets) == 2 and gets[0] == "bytes=0-65535" and gets[1].startswith("bytes=65536-")
@@ -128,15 +57,15 @@ def test_long_header_takes_a_second_request(tmp_path, client, s3env):
 def test_single_object_url_and_missing_things(llama, tmp_path, client, s3env):
     cf.write_single(tmp_path, name="weights.safetensors")
     client.upload_file(str(tmp_path / "weights.safetensors"), BUCKET, "one/weights.safetensors")
-    ckpt = resolve_object_source(_store(), parse_object_url(f"s3://{BUCKET}/one/weights.safetensors"))
+    ckpt = resolve_object_source(store(), parse_object_url(f"s3://{BUCKET}/one/weights.safetensors"))
     assert ckpt.source.weight_files == ("weights.safetensors",) and ckpt.index_name is None
     with pytest.raises(CheckpointNotFoundError, match="bucket 'no-such-bucket'.*Fix: check the bucket name"):
         resolve_object_source(S3Store("no-such-bucket", S3Options(), deadline=time.monotonic() + 30),
                               parse_object_url("s3://no-such-bucket/llama"))
     with pytest.raises(CheckpointNotFoundError, match=r"No safetensors weights.*s3://models/nothing-here"):
-        resolve_object_source(_store(), parse_object_url(f"s3://{BUCKET}/nothing-here"))
+        resolve_object_source(store(), parse_object_url(f"s3://{BUCKET}/nothing-here"))
     with pytest.raises(CheckpointNotFoundError, match=r"s3://models/one/absent.safetensors"):
-        resolve_object_source(_store(), parse_object_url(f"s3://{BUCKET}/one/absent.safetensors"))
+        resolve_object_source(store(), parse_object_url(f"s3://{BUCKET}/one/absent.safetensors"))
     with pytest.raises(ConfigError, match="bucket"):
         parse_object_url("s3://A_B/x")
     with pytest.raises(ConfigError, match="Unknown storage_options key"):
