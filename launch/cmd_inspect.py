@@ -22,12 +22,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("inspect", help="summarise and validate a checkpoint",
                               description="Validate a safetensors checkpoint (local path or HF "
                               "repo id) and summarise it.")
-    p.add_argument("source", metavar="SOURCE", help="directory, .safetensors file or org/name")
+    p.add_argument("source", metavar="SOURCE", help="directory, .safetensors file, org/name or s3://bucket/prefix")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--revision", help="branch, tag or commit (HF repos)")
     p.add_argument("--cache-dir", help="HF cache directory (default: huggingface_hub's)")
     p.add_argument("--local-files-only", action="store_true", help="never touch the network")
     p.add_argument("--top", type=int, default=10, help="largest tensors to list (default 10)")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                   help="s3:// sources: a storage_options entry (e.g. endpoint_url=..., region_name=...)")
     p.set_defaults(func=run_inspect)
 
     s = subparsers.add_parser("synth", help="write a synthetic Llama-shaped checkpoint",
@@ -110,12 +112,12 @@ def _print_summary(summary: dict[str, Any], top: int, seconds: float) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from weightcast.orchestrator.checkpoint import load_index
-    from weightcast.orchestrator.source import resolve_source
+    from weightcast.launch.cmd_load import parse_storage_options
+    from weightcast.workers.s3 import resolve_and_index
     start = time.perf_counter()
-    source = resolve_source(args.source, revision=args.revision, cache_dir=args.cache_dir,
-                            local_files_only=True if args.local_files_only else None)
-    index = load_index(source.root, cache_root=source.cache_root)
+    source, index = resolve_and_index(args.source, storage_options=parse_storage_options(args.storage_option),
+                                      revision=args.revision, cache_dir=args.cache_dir,
+                                      local_files_only=True if args.local_files_only else None)
     seconds = time.perf_counter() - start
     summary = summary_json(index, source)
     if args.json:

@@ -27,6 +27,30 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true", help="compare every owned tensor with safetensors, bit for bit")
     p.add_argument("--verify-checksums", action="store_true",
                    help="check each owned tensor against the crc32 the checkpoint's metadata records")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                   help="s3:// sources: a storage_options entry (endpoint_url, region_name, profile_name, "
+                        "request_bytes, concurrency, max_attempts, ...); repeatable")
+
+
+def parse_storage_options(items: list[str] | None) -> dict | None:
+    """``["KEY=VALUE", ...]`` -> a storage_options dict (integers and floats converted)."""
+    from weightcast.orchestrator.errors import ConfigError
+    if not items:
+        return None
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("A --storage-option is not KEY=VALUE", got=repr(item), fix="e.g. --storage-option "
+                              "endpoint_url=http://127.0.0.1:8333")
+        for kind in (int, float):
+            try:
+                value = kind(value)
+                break
+            except ValueError:
+                pass
+        out[key.strip()] = value
+    return out
 
 
 def job_args(args: argparse.Namespace) -> dict:
@@ -35,12 +59,13 @@ def job_args(args: argparse.Namespace) -> dict:
             "transport": args.transport, "cluster": args.cluster, "model": args.model, "revision": args.revision,
             "cache_dir": args.cache_dir, "timeout": args.timeout, "threads": args.threads,
             "allow_pickle": args.allow_pickle or None, "trust_remote_code": args.trust_remote_code or None,
-            "verify": args.verify, "verify_checksums": getattr(args, "verify_checksums", False) or None}
+            "verify": args.verify, "verify_checksums": getattr(args, "verify_checksums", False) or None,
+            "storage_options": parse_storage_options(getattr(args, "storage_option", None))}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("load", help="load a checkpoint on N local ranks and print the report")
-    p.add_argument("source", help="checkpoint directory, .safetensors file or hub repo id")
+    p.add_argument("source", help="checkpoint directory, .safetensors file, hub repo id or s3://bucket/prefix")
     p.add_argument("--nproc", type=int, default=2, help="number of local ranks")
     p.add_argument("--report", default=None, help="write the gathered report JSON here")
     p.add_argument("--plot", default=None, help="write a per-rank timeline PNG here")

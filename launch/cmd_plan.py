@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plan", help="plan (and simulate) a load on a cluster",
                               description="Plan which rank reads which bytes of a checkpoint and "
                               "how they move, for a cluster and a device map.")
-    p.add_argument("source", metavar="SOURCE", help="directory, .safetensors file or org/name")
+    p.add_argument("source", metavar="SOURCE", help="directory, .safetensors file, org/name or s3://bucket/prefix")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--cluster", metavar="FILE.yaml",
                        help="cluster spec: a YAML file or a shipped name (e.g. 16x8-h100)")
@@ -53,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", help="branch, tag or commit (HF repos)")
     p.add_argument("--cache-dir", help="HF cache directory (default: huggingface_hub's)")
     p.add_argument("--local-files-only", action="store_true", help="never touch the network")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                   help="s3:// sources: a storage_options entry (e.g. endpoint_url=..., region_name=...)")
     p.set_defaults(func=run_plan)
 
 
@@ -110,14 +112,14 @@ def _transport(arg: str, cluster: Any) -> str:
 
 def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     """Resolve, index, place and plan; returns the pieces and the planning time."""
-    from weightcast.orchestrator.checkpoint import load_index
+    from weightcast.launch.cmd_load import parse_storage_options
     from weightcast.orchestrator.cluster import parse_bytes
     from weightcast.orchestrator.device_map import build_device_map
     from weightcast.orchestrator.planner import PlanOptions, plan_load
-    from weightcast.orchestrator.source import resolve_source
-    source = resolve_source(args.source, revision=args.revision, cache_dir=args.cache_dir,
-                            local_files_only=True if args.local_files_only else None)
-    index = load_index(source.root, cache_root=source.cache_root)
+    from weightcast.workers.s3 import resolve_and_index
+    source, index = resolve_and_index(args.source, storage_options=parse_storage_options(args.storage_option),
+                                      revision=args.revision, cache_dir=args.cache_dir,
+                                      local_files_only=True if args.local_files_only else None)
     cluster = build_cluster(args)
     max_memory = parse_max_memory(args.max_memory)
     if max_memory and "*" in max_memory:

@@ -27,19 +27,19 @@ def _import(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-def verify_owned(source_root: str, tensors: dict) -> list[str]:
-    """Names whose bytes differ from ``safetensors`` reading the same tensor (or slice)."""
+def verify_owned(source_root: str, tensors: dict, storage_options: dict | None = None) -> list[str]:
+    """Names whose bytes differ from ``safetensors`` reading the same tensor (or slice); for an
+    ``s3://`` source, from each tensor's bytes fetched on their own with one ranged GET."""
     import torch
-    from safetensors import safe_open
-    from weightcast.orchestrator.checkpoint import load_index
-    index = load_index(source_root)
+    from weightcast.workers.s3 import resolve_and_index
+    _, index = resolve_and_index(source_root, storage_options=storage_options)
     by_file: dict[str, list[str]] = {}
     for name in tensors:
         by_file.setdefault(index.tensor(name).file, []).append(name)
     bad = []
     slices = getattr(tensors, "slices", {})
     for file, names in by_file.items():
-        with safe_open(os.path.join(index.root, file), framework="pt") as fh:
+        with _open_tensors(index, file, storage_options) as fh:
             for name in names:
                 want = fh.get_tensor(name)
                 sl = slices.get(name)
@@ -50,6 +50,29 @@ def verify_owned(source_root: str, tensors: dict) -> list[str]:
                         got.reshape(-1).view(torch.uint8), want.contiguous().reshape(-1).view(torch.uint8)):
                     bad.append(name)
     return bad
+
+
+def _open_tensors(index, file: str, storage_options: dict | None):
+    """``safe_open`` for a local file; for an object, a reader of single tensors by ranged GET."""
+    import contextlib
+    from safetensors import safe_open
+    if not index.root.startswith("s3://"):
+        return safe_open(os.path.join(index.root, file), framework="pt")
+
+    import torch
+    from weightcast.orchestrator.object_source import parse_object_url
+    from weightcast.orchestrator.safetensors_format import torch_dtype
+    from weightcast.workers.s3 import S3Options, S3Store
+    url = parse_object_url(index.root)
+    store = S3Store(url.bucket, S3Options.from_dict(storage_options), deadline=time.monotonic() + 120)
+
+    class _Object:
+        def get_tensor(self, name: str):
+            entry = index.tensor(name)
+            raw = bytearray(store.read(url.child(file), entry.offset, entry.length, index.file(file).etag))
+            flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+            return flat.view(torch_dtype(entry.dtype)).reshape(entry.shape)
+    return contextlib.nullcontext(_Object())
 
 
 def load_job(args: dict) -> dict:
@@ -65,7 +88,7 @@ def load_job(args: dict) -> dict:
         if not isinstance(result, dict):
             result = {k: v for k, v in result.state_dict().items() if not v.is_meta}
         root = args.get("verify_root") or args["source"]
-        out["mismatches"] = verify_owned(root, result)
+        out["mismatches"] = verify_owned(root, result, args.get("storage_options"))
         out["verified"] = len(result)
     if out["rank"] == 0:
         out["report"] = report

@@ -119,3 +119,26 @@ def test_model_auto_equals_from_pretrained(llama, s3env, monkeypatch):
     assert all(torch.equal(got_sd[k], want_sd[k]) for k in want_sd)
     ids = torch.tensor([[1, 5, 9, 3]])
     assert torch.equal(model(ids).logits, want(ids).logits)
+
+
+# ------------------------------------------------------------------ command line
+
+
+def test_cli_inspect_plan_load(llama, s3env, capsys):
+    from weightcast.launch.cli import main
+    url = f"s3://{BUCKET}/llama"
+    assert main(["inspect", url, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert f'"tensors":{len(load_index(llama).tensors)}' in out.replace(" ", "") or str(len(load_index(llama).tensors)) in out
+    assert main(["plan", url, "--nodes", "2", "--cpus-per-node", "2", "--device-map", "tp"]) == 0
+    assert "1.000 x checkpoint" in capsys.readouterr().out
+    assert main(["load", url, "--nproc", "2", "--verify", "--storage-option", "request_bytes=65536",
+                 "--storage-option", "concurrency=2"]) == 0
+    out = capsys.readouterr().out
+    assert "identical to safetensors" in out
+    assert data_bytes_served(s3env, llama, "llama") >= load_index(llama).total_bytes
+    assert main(["inspect", f"s3://{BUCKET}/no-such-prefix"]) == 2
+    err = capsys.readouterr().err
+    assert "No safetensors weights under the S3 prefix" in err and "Traceback" not in err
+    assert main(["load", url, "--storage-option", "nonsense"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err

@@ -322,3 +322,18 @@ def reader_for(root: str, stamps: Iterable[FileStamp], storage_options: dict[str
                timeout: float) -> S3Reader:
     """Every rank: the reader of an ``s3://`` plan root, its retries bounded by ``timeout``."""
     return S3Reader(root, stamps, S3Options.from_dict(storage_options), deadline=time.monotonic() + timeout)
+
+
+def resolve_and_index(source: str, *, storage_options: dict[str, Any] | None = None, timeout: float = 300.0,
+                      **resolve: Any):
+    """Any source -> (ResolvedSource, CheckpointIndex): ``s3://`` through boto3, anything else
+    through ``resolve_source`` + ``load_index`` (``resolve``: its keyword arguments). For the
+    CLI's ``inspect`` and ``plan``; not collective."""
+    from weightcast.orchestrator.object_source import is_object_url, load_object_index
+    if is_object_url(source):
+        store, ckpt = open_checkpoint(source, storage_options, timeout)
+        return ckpt.source, load_object_index(store, ckpt)
+    from weightcast.orchestrator.checkpoint import load_index
+    from weightcast.orchestrator.source import resolve_source
+    src = resolve_source(source, **resolve)
+    return src, load_index(src.root, cache_root=src.cache_root)
