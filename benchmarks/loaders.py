@@ -127,9 +127,13 @@ def load_accelerate(source: str, ctx: dict) -> tuple[Any, dict]:
 
 
 def load_tp_auto(source: str, ctx: dict) -> tuple[Any, dict]:
+    """``tp_plan="auto"``; a model with an expert-parallel plan also splits its experts over the
+    ranks (``ep_size`` = world size), the layout weightcast's ``tp`` gives it."""
     from transformers.distributed import DistributedConfig
-    model = model_class(source).from_pretrained(source, dtype="auto",
-                                                distributed_config=DistributedConfig(tp_plan="auto"))
+    cls = model_class(source)
+    ep = int(os.environ.get("WORLD_SIZE", "1")) if getattr(cls.config_class, "base_model_ep_plan", None) else None
+    config = DistributedConfig(tp_plan="auto", ep_size=ep) if ep else DistributedConfig(tp_plan="auto")
+    model = cls.from_pretrained(source, dtype="auto", distributed_config=config)
     return model, {"requested": _unique_bytes(model)}
 
 

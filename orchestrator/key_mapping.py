@@ -15,10 +15,10 @@ rules into placements (:func:`rule_placements`), so each rank reads the sources 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
-from weightcast.orchestrator.device_map import Placement, Replicate, Shard, shard_bounds
+from weightcast.orchestrator.device_map import ClusterDeviceMap, Placement, Replicate, Shard, shard_bounds
 from weightcast.orchestrator.errors import DeviceMapError
 
 KINDS = ("replicate", "shard", "expert")
@@ -77,3 +77,18 @@ def rule_placements(names: list[str], rules: Mapping[str, KeyRule], groups: tupl
         else:
             out[name] = everyone
     return out
+
+
+def renamed_map(dm: ClusterDeviceMap, targets: Mapping[str, str]) -> ClusterDeviceMap:
+    """``dm`` with checkpoint names replaced by the parameter names they load into (``targets``:
+    checkpoint key -> parameter, only where they differ; several keys merged into one parameter
+    share its placement, the first one's), so per-rank ownership and ``hf_device_map`` speak of
+    the model's parameters (``mlp.experts.gate_up_proj``, not ``block_sparse_moe.experts.3.w1``).
+    Pure."""
+    if not targets:
+        return dm
+    placements: dict[str, Placement] = {}
+    for name, p in dm.placements.items():
+        placements.setdefault(targets.get(name, name), p)
+    tied = tuple(tuple(dict.fromkeys(targets.get(n, n) for n in group)) for group in dm.tied)
+    return replace(dm, placements=placements, tied=tuple(g for g in tied if len(g) > 1))

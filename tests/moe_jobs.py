@@ -82,3 +82,16 @@ def tp_vs_from_pretrained(args: dict) -> dict:
             "param_bytes": _param_bytes(model), "whole_bytes": _param_bytes(whole),
             "local_experts": experts, "meta": [n for n, p in model.named_parameters() if p.is_meta],
             "read": [r["read_bytes"] for r in report["ranks"]], "checkpoint": report["checkpoint_bytes"]}
+
+
+def auto_vs_from_pretrained(args: dict) -> dict:
+    """Every rank: ``device_map="auto"`` over the ranks; what this rank holds equals
+    from_pretrained's, and which fused expert parameters it holds."""
+    from weightcast.workers.api import load_pretrained
+    model = load_pretrained(args["source"], model="auto", device_map="auto", dtype="auto",
+                            max_memory=args["max_memory"], progress=False, timeout=120)
+    ref = _reference(args["source"], args["cls"]).state_dict()
+    held = {n: p for n, p in model.state_dict().items() if not p.is_meta}
+    return {"experts": sorted(n for n in held if ".experts." in n),
+            "differ": [n for n, p in held.items() if not torch.equal(p, ref[n])],
+            "held": len(held), "total": len(ref)}

@@ -48,3 +48,17 @@ def test_held_tensor_serves_only_its_rows() -> None:
         held[slice(0, 3), slice(0, 4)]
     with pytest.raises(ModelMismatchError, match="holds|nothing"):
         HeldTensor("x", (2,), torch.float32, None)[...]
+
+
+def test_renamed_map_speaks_of_parameters() -> None:
+    from weightcast.orchestrator.device_map import ClusterDeviceMap, Place
+    from weightcast.orchestrator.key_mapping import renamed_map
+    dm = ClusterDeviceMap({"l.0.moe.experts.0.w1.weight": Place(1), "l.0.moe.experts.1.w1.weight": Place(1),
+                           "l.0.moe.gate.weight": Place(1), "embed.weight": Place(0)}, "auto",
+                          tied=(("embed.weight", "head.weight"),))
+    targets = {"l.0.moe.experts.0.w1.weight": "l.0.mlp.experts.gate_up_proj",
+               "l.0.moe.experts.1.w1.weight": "l.0.mlp.experts.gate_up_proj", "l.0.moe.gate.weight": "l.0.mlp.gate.weight"}
+    out = renamed_map(dm, targets)
+    assert out.placements == {"l.0.mlp.experts.gate_up_proj": Place(1), "l.0.mlp.gate.weight": Place(1),
+                              "embed.weight": Place(0)}
+    assert out.tied == (("embed.weight", "head.weight"),) and renamed_map(dm, {}) is dm

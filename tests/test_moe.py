@@ -40,3 +40,20 @@ def test_zoo_tp_follows_the_models_plan(tmp_path, model_type: str) -> None:
         assert v["param_bytes"] < 0.7 * v["whole_bytes"], v  # about half (+ replicated norms, router)
     read = results[0].value["read"]
     assert sum(read) == results[0].value["checkpoint"], read
+
+
+def test_auto_never_splits_an_expert_block(tmp_path) -> None:
+    """device_map="auto" over 2 ranks with memory for about 60 % of the model each: every fused
+    expert parameter is made on exactly one rank, from its own tensors, equal to from_pretrained's;
+    no rank initialises experts it does not hold."""
+    from weightcast.orchestrator.checkpoint import load_index
+    cls = save_zoo_model(tmp_path, "mixtral", dtype="float32")
+    total = load_index(str(tmp_path)).total_bytes
+    budget = {0: int(total * 0.6), 1: int(total * 0.6)}
+    results = spawn(2, "tests.moe_jobs:auto_vs_from_pretrained",
+                    {"source": str(tmp_path), "cls": cls, "max_memory": budget}, timeout=240)
+    experts = [set(r.value["experts"]) for r in results]
+    assert all(r.value["differ"] == [] for r in results), [r.value for r in results]
+    assert experts[0] and experts[1] and not experts[0] & experts[1], experts  # both ranks hold layers
+    every = {f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")}
+    assert experts[0] | experts[1] == every, experts

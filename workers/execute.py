@@ -147,6 +147,9 @@ def plan_on_rank0(request: LoadRequest, facts: list[dict], load_id: str) -> dict
                "auto_dtype": first_float_dtype(index), "disk": disk_placements(dm, index)}
     if model_tp:
         payload["model_tp_size"] = model_tp[1]
+    elif dm.strategy not in ("replicate", "tp", "fsdp"):  # spread over ranks: who holds which parameter
+        from weightcast.workers.convert import model_targets
+        payload["targets"] = model_targets(request, src, list(index.names))
     if request.verify_checksums:
         payload["crc32"] = checksums_of(index)
     return payload
@@ -350,7 +353,9 @@ def _materialize(group: Group, request: LoadRequest, payload: dict, tensors: dic
         return materialize_fsdp(request, payload, cast_tensors(tensors, model_dtype(request.dtype, payload)), device, group)
     if dm.strategy == "replicate":
         return materialize_model(request, payload, tensors, device)
+    from weightcast.orchestrator.key_mapping import renamed_map
     from weightcast.workers.model_load import owns_of
+    dm = renamed_map(dm, payload.get("targets") or {})
     module = materialize_model(request, payload, tensors, device, owns=owns_of(dm, group.rank), rank=group.rank)
     module.hf_device_map = hf_device_map(dm, group.rank)
     return module
