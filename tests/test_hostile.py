@@ -244,9 +244,15 @@ def _remote_code_config(d: Path, tmp: Path) -> None:
 
 @case
 def config_auto_map_remote_code(tmp):
+    """A model type transformers does not know, whose classes only the checkpoint's code defines."""
     d = tmp / "llama"
     cf.save_tiny_llama(d, max_shard_size="10MB")
     _remote_code_config(d, tmp)
+    config = json.loads((d / "config.json").read_text())
+    config["model_type"] = "evil_llama"
+    config["architectures"] = ["EvilModel"]
+    config["auto_map"]["AutoConfig"] = "modeling_evil.EvilConfig"
+    (d / "config.json").write_text(json.dumps(config))
     return Hostile(d, RemoteCodeRefusedError, ("config.json", "auto_map", "trust_remote_code=True"),
                    load={"model": "auto"}, inspect="ok")
 
@@ -447,16 +453,20 @@ def test_cli_load_real_process_exit_status(built):
     assert all(needle in proc.stderr for needle in h.needles), proc.stderr
 
 
-def test_remote_code_loads_only_with_trust_remote_code(built, monkeypatch):
-    """The same checkpoint loads with trust_remote_code=True (the model class comes from
-    transformers; the checkpoint's module is never imported)."""
+def test_native_type_with_auto_map_loads_the_library_class(tmp_path, monkeypatch):
+    """A native model type carrying an ``auto_map`` is not refused: with or without
+    trust_remote_code, model="auto" builds the class config.json names from transformers (as
+    LlamaForCausalLM.from_pretrained does); the checkpoint's module is never imported."""
     from weightcast.workers.api import load_pretrained
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(key, raising=False)
-    h = built["hostile:config_auto_map_remote_code"]
-    model = load_pretrained(str(h.path), model="auto", trust_remote_code=True, progress=False)
-    assert type(model).__name__ == "LlamaForCausalLM"
-    assert not list(h.path.parent.glob("*_CODE_RAN"))
+    d = tmp_path / "llama"
+    cf.save_tiny_llama(d, max_shard_size="10MB")
+    _remote_code_config(d, tmp_path)
+    for trust in (False, True):
+        model = load_pretrained(str(d), model="auto", trust_remote_code=trust, progress=False)
+        assert type(model).__name__ == "LlamaForCausalLM"
+    assert not list(tmp_path.glob("*_CODE_RAN"))
 
 
 def test_enough_bad_inputs():

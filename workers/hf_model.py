@@ -75,16 +75,17 @@ def _refuse_remote(cfg: dict, why: str) -> None:
 
 def model_class(model: Any, hf_cfg: Any, root: str | None, trust_remote_code: bool) -> type:
     """The class to instantiate for ``model`` (``"auto"``, a model class or an auto class), as
-    ``from_pretrained`` picks it: the library's own class when there is one and no remote code was
-    allowed; the checkpoint's ``auto_map`` class with ``trust_remote_code=True``."""
+    ``from_pretrained`` picks it: ``"auto"`` is the architecture config.json names when transformers
+    has it; an auto class takes the checkpoint's ``auto_map`` class with ``trust_remote_code=True``,
+    else the library's class for the config (remote code refused where there is none)."""
     import transformers
     auto_map = getattr(hf_cfg, "auto_map", None) or {}
     if isinstance(model, type) and not _is_auto_class(model):
         return model
-    if model == "auto":
+    if model == "auto":  # the class config.json names, as that class's from_pretrained would build it
         archs = getattr(hf_cfg, "architectures", None) or []
         cls = getattr(transformers, archs[0], None) if archs else None
-        if cls is not None and not (trust_remote_code and auto_map):
+        if cls is not None:
             return cls
         auto_name = _auto_name_for(auto_map, archs)
         model = getattr(transformers, auto_name, transformers.AutoModel)

@@ -181,16 +181,19 @@ def _assign_converted(module: torch.nn.Module, tensors: dict[str, torch.Tensor],
 
 
 def check_keys(module: torch.nn.Module, unexpected: list[str], strict: bool) -> None:
-    """With ``strict``: no parameter may be left on meta and no checkpoint key may be unknown to
-    the model (saved non-persistent buffers excepted, as from_pretrained ignores them)."""
+    """After a tensor-parallel, FSDP or plain assignment: no parameter may be left on meta (these
+    paths do not initialise missing modules: refused even without ``strict``, never a model half
+    on meta); with ``strict`` no checkpoint key may be unknown to the model either (saved
+    non-persistent buffers excepted, as from_pretrained ignores them)."""
     missing = [k for k, v in module.state_dict(keep_vars=True).items() if v.is_meta]
     unexpected = [k for k in unexpected if not _ignorable(module, k)]
-    if strict and (missing or unexpected):
+    if missing or (strict and unexpected):
         raise ModelMismatchError("The checkpoint does not match the model",
                                  where=f"{len(missing)} missing, {len(unexpected)} unexpected keys",
                                  expected=f"no missing keys (missing: {missing[:10]})",
                                  got=f"unexpected keys: {unexpected[:10]}",
-                                 fix="use the matching config / model class, or pass strict=False")
+                                 fix="use the matching config / model class, or pass strict=False with "
+                                     "device_map='replicate' or 'auto' (missing modules are initialised there)")
 
 
 def _ignorable(module: torch.nn.Module, key: str) -> bool:
