@@ -71,6 +71,9 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
         raise ConfigError("Unknown keyword arguments", where="load_pretrained(...)", got=sorted(model_kwargs),
                           expected="config overrides only with model='auto' or a transformers class",
                           fix="check the argument names, or pass a transformers model class")
+    if isinstance(source, str) and source.startswith("s3://"):
+        from weightcast.workers.s3 import prewarm
+        prewarm(request.storage_options)  # the client is built while the group forms and rank 0 plans
     group = setup_group(request.timeout)
     ok = False
     try:

@@ -97,6 +97,31 @@ def make_client(options: S3Options, pool: int):
                           aws_session_token=options.aws_session_token, config=config)
 
 
+_CLIENTS: dict[S3Options, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def client_for(options: S3Options) -> Any:
+    """One boto3 client per process and options (creating one costs ~0.3-0.9 s here: imports,
+    service model), pooled for ``2 * concurrency + 4`` connections; thread-safe."""
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(options)
+        if client is None:
+            client = _CLIENTS[options] = make_client(options, 2 * options.concurrency + 4)
+        return client
+
+
+def prewarm(storage_options: dict[str, Any] | None) -> None:
+    """Every rank, at the start of an ``s3://`` load: build the client in the background while
+    rank 0 plans (errors are left for the real use to report)."""
+    def run() -> None:
+        try:
+            client_for(S3Options.from_dict(storage_options))
+        except Exception:  # noqa: BLE001 - reported when the client is really needed
+            pass
+    threading.Thread(target=run, name="weightcast-s3-prewarm", daemon=True).start()
+
+
 class _Retry(Exception):
     """A failure worth retrying; ``error`` is what to raise when the retries run out."""
 
@@ -109,12 +134,11 @@ class S3Store:
     """One bucket through one boto3 client (thread-safe). ``deadline`` (``time.monotonic()``)
     bounds every retry loop; a request that fails past it raises its last error."""
 
-    def __init__(self, bucket: str, options: S3Options, *, deadline: float, pool: int | None = None,
-                 client: Any = None) -> None:
+    def __init__(self, bucket: str, options: S3Options, *, deadline: float, client: Any = None) -> None:
         self.bucket = bucket
         self.options = options
         self.deadline = deadline
-        self.client = client if client is not None else make_client(options, pool or 2 * options.concurrency)
+        self.client = client if client is not None else client_for(options)
         self.retries = 0  # requests retried (for reports and tests)
         self._lock = threading.Lock()
 
@@ -273,7 +297,7 @@ class S3Reader:
         self.prefix = parse_object_url(root)
         self.options = options
         self.request_bytes, self.concurrency = options.request_bytes, options.concurrency
-        self.store = store or S3Store(self.prefix.bucket, options, deadline=deadline, pool=2 * options.concurrency + 4)
+        self.store = store or S3Store(self.prefix.bucket, options, deadline=deadline)
         self.stamps = {s.name: s for s in stamps}
         self.bytes_read = 0
         self._lock = threading.Lock()
@@ -314,7 +338,7 @@ def open_checkpoint(source: str, storage_options: dict[str, Any] | None, timeout
     from weightcast.orchestrator.object_source import resolve_object_source
     url = parse_object_url(source)
     options = S3Options.from_dict(storage_options)
-    store = S3Store(url.bucket, options, deadline=time.monotonic() + timeout, pool=4)
+    store = S3Store(url.bucket, options, deadline=time.monotonic() + timeout)
     return store, resolve_object_source(store, url)
 
 
