@@ -11,7 +11,9 @@ be hit while the others run normally:
   phase), ``rewrite`` / ``truncate`` (the
   rank rewrites / truncates ``WC_FAULT_FILE`` after planning; every rank then waits at a
   barrier so nobody reads before).
+- ``WC_FAULT=stop@rank:phase``: the rank SIGSTOPs itself (alive, silent).
 - ``WC_READ=kind@rank`` for :func:`reader_factory`; kinds in :class:`FaultReader`.
+  ``WC_SLOW_READ=seconds``: every rank sleeps that long before each read (slow storage).
   ``WC_READ_LOG``: a file every read is appended to as a JSON line ``[rank, file, offset, length]``.
 - ``WC_MARK``: a directory; a rank about to die writes ``death.json`` there (its rank,
   ``time.time()`` and its open staging areas), so tests can measure the time from a death to
@@ -98,6 +100,9 @@ def phase_hook(phase: str, rank: int) -> None:
         return
     if kind == "kill":
         die(rank)
+    elif kind == "stop":  # SIGSTOP itself: alive but silent (the test SIGKILLs it afterwards)
+        mark_death(rank)
+        os.kill(os.getpid(), signal.SIGSTOP)
     elif kind == "raise":
         mark_death(rank)
         raise RuntimeError(f"injected failure on rank {rank} in phase {phase}")
@@ -181,6 +186,8 @@ class FaultReader:
             die(self.rank)
         if self.kind == "slow":
             time.sleep(self.delay)
+        if os.environ.get("WC_SLOW_READ"):  # every rank's storage is slow
+            time.sleep(float(os.environ["WC_SLOW_READ"]))
         self.inner.read_into(file, offset, view)
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ KILLS = {
     "before-plan": {"WC_FAULT": "kill@1:plan"},
     "first-read": {"WC_READ": "kill@1"},
     "mid-transfer": {"WC_FAULT": "kill-on-send@1:transfer"},
+    "materialize": {"WC_FAULT": "kill@1:materialize"},
 }
 
 
@@ -70,7 +71,8 @@ def test_killed_rank_fails_every_survivor(ckpt, tmp_path, where, group, record_p
     delays = []
     for o in (outs[0], outs[2]):
         assert o.exitcode == 2 and o.error_type == "LoadError", (o.error_type, o.error)
-        assert "Lost contact with another rank" in o.error and f"seen by rank {o.rank}" in o.error
+        assert "Lost contact with rank 1 during the load: its process ended" in o.error, o.error
+        assert f"seen by rank {o.rank}" in o.error
         assert "Fix:" in o.error and f"timeout={TIMEOUT:g} s" in o.error
         delays.append(round(o.t_error - death["time"], 3))
     assert all(0 <= d < BOUND for d in delays), delays
@@ -142,7 +144,7 @@ def test_kill_in_real_processes_node_shared_leaves_no_staging(ckpt, tmp_path, re
     delays = []
     for r in (results[0], results[2]):
         assert r.returncode == 2, r.stderr[-2000:]
-        assert f"rank {r.rank}: LoadError: Lost contact with another rank" in r.stderr
+        assert f"rank {r.rank}: LoadError: Lost contact with rank 1 during the load" in r.stderr
         assert "Traceback" not in r.stderr
         with open(tmp_path / f"error-{r.rank}.json") as fh:
             delays.append(round(json.load(fh)["time"] - death["time"], 3))

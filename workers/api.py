@@ -15,6 +15,7 @@ import torch
 
 from weightcast.orchestrator.errors import ConfigError
 from weightcast.orchestrator.request import LoadRequest
+from weightcast.workers import liveness
 from weightcast.workers.coordinator import coordinate, gather_facts
 from weightcast.workers.group import Group
 from weightcast.workers.process_group import setup_group, teardown_group
@@ -77,9 +78,12 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
     group = setup_group(request.timeout)
     ok = False
     try:
+        liveness.start_for(group, os.environ.get("MASTER_ADDR"))
         result, report = _load(group, request)
         ok = True
     finally:
+        if liveness.of(group) is not None:
+            liveness.of(group).stop()
         teardown_group(group, ok)  # the default group stays: the model may need it (TP)
     info = take_loading_info(result)
     if output_loading_info:

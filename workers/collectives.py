@@ -80,7 +80,12 @@ def guarded(group: Group, what: str, fn: Callable[[], Any], own_error: BaseExcep
 
 
 def lost_peer(group: Group, what: str, exc: BaseException, own_error: BaseException | None = None) -> LoadError:
-    """The LoadError of a rank whose peers stopped answering during ``what``."""
+    """The LoadError of a rank whose peers stopped answering during ``what``: the liveness
+    channel's verdict naming the dead or stuck rank when it has one (see :func:`liveness_verdict`),
+    else what gloo reported."""
+    verdict = liveness_verdict(group)
+    if verdict is not None:
+        return verdict
     dead = dead_ranks(group)
     cause = f"{type(exc).__name__}"
     if dead:
@@ -94,3 +99,18 @@ def lost_peer(group: Group, what: str, exc: BaseException, own_error: BaseExcept
                      fix=f"a rank was killed, ran out of memory or stalled for more than timeout="
                          f"{group.timeout:g} s; check the logs of the other ranks (dmesg for the OOM "
                          "killer), raise timeout= if storage is slow, and run the load again")
+
+
+def liveness_verdict(group: Group) -> LoadError | None:
+    """The load's liveness verdict (:mod:`weightcast.workers.liveness`): a dead or stuck rank,
+    named. When there is none yet, wait a little (a death's verdict may trail gloo's error by
+    milliseconds), or, when a peer is already quiet, until its silence would make it stuck
+    (gloo's own timeout may fire first)."""
+    live = group.liveness
+    if live is None:
+        return None
+    if live.verdict is None:
+        rank, quiet = live.quiet_peer()
+        stuck_soon = rank >= 0 and quiet > group.timeout / 2
+        live.wait_verdict(live.stuck_after - quiet + 1.0 if stuck_soon else 0.5)
+    return live.verdict

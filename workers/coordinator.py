@@ -18,7 +18,8 @@ import traceback
 from typing import Callable
 
 from weightcast.orchestrator.errors import LoadError, WeightcastError
-from weightcast.workers.collectives import all_gather_bytes, all_gather_on, broadcast_bytes, guarded
+from weightcast.workers.collectives import (all_gather_bytes, all_gather_on, broadcast_bytes, guarded,
+                                            liveness_verdict)
 from weightcast.workers.group import Group
 
 
@@ -84,6 +85,10 @@ def sync_status(group: Group, phase: str, error: BaseException | None) -> None:
     """End of a phase: every rank reports ok or its error; if any rank failed, every rank
     raises a LoadError naming the first failing rank, its host and its cause (collective).
     A rank that cannot reach its peers raises a LoadError saying so (see :func:`guarded`)."""
+    if error is not None and _from_collective(error):
+        verdict = liveness_verdict(group)
+        if verdict is not None:  # a peer died or is stuck: every survivor has the same verdict
+            raise verdict from error
     mine = b"" if error is None else json.dumps(_error_info(group, error)).encode()
     if group.world_size == 1:
         reports = [mine]

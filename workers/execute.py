@@ -13,6 +13,7 @@ import torch
 from weightcast.orchestrator.errors import ConfigError
 from weightcast.orchestrator.planner import owned_of
 from weightcast.orchestrator.request import LoadRequest
+from weightcast.workers import liveness
 from weightcast.workers.coordinator import sync_status
 from weightcast.workers.group import Group
 from weightcast.workers.process_group import abort_phase
@@ -301,6 +302,8 @@ def _move(group: Group, request: LoadRequest, payload: dict, plan, device: torch
                       for f in plan.files)
         plan = dataclasses.replace(plan, files=files)
     reader = make_reader(root, files, lambda: _storage_reader(request, root, files))
+    if liveness.of(group) is not None:  # reads stop at the first lost peer
+        reader = liveness.GuardedReader(reader, liveness.of(group))
     try:
         if payload["transport"] == "node-shared":
             from weightcast.workers.staging import run_node_shared

@@ -19,7 +19,8 @@ class Group:
     what happens inside a phase, dropped by a failing rank (:func:`abort_phase`); ``data_pg``
     moves tensor data (``phase_pg`` on CPU, the NCCL default group on CUDA). ``processes``:
     every rank's ``(host, pid)``, to name dead peers. ``watch`` and ``hook``: a save's
-    liveness watch and fault hook (see :mod:`weightcast.workers.save`)."""
+    liveness watch and fault hook (see :mod:`weightcast.workers.save`); ``liveness``: a load's
+    heartbeat channel (see :mod:`weightcast.workers.liveness`)."""
     rank: int
     world_size: int
     local_rank: int
@@ -33,6 +34,7 @@ class Group:
     processes: tuple[tuple[str, int], ...] = ()
     watch: Any = None
     hook: Callable[[str, str], None] | None = None
+    liveness: Any = None  # a load's weightcast.workers.liveness.Liveness
 
 
 def dead_ranks(group: Group) -> list[int]:

@@ -78,9 +78,11 @@ class Populate:
         self.futures: list[Future] = []
         self._executor = None
         if method == "madvise":
+            check = getattr(pool.reader, "live", None)  # the load's liveness (a GuardedReader's)
             self._executor = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="weightcast-populate")
             for file, off, n in segments(plan, rank, POPULATE_BYTES * 4):
-                self._add(file, off, n, self._executor.submit(populate_read, maps.get(file).data_ptr() + off, n))
+                self._add(file, off, n, self._executor.submit(populate_file, file, maps.get(file).data_ptr() + off,
+                                                              off, n, check))
         elif method == "staged":  # object storage: the bytes land in the node's shared areas
             for file, off, n in segments(plan, rank, pool.reader.request_bytes):  # type: ignore[attr-defined]
                 dest = memoryview(maps.get(file).numpy())[off:off + n]
@@ -111,6 +113,20 @@ class Populate:
             self._executor.shutdown(wait=True, cancel_futures=True)
 
 
+def populate_file(file: str, addr: int, offset: int, length: int, live: Any = None) -> int:
+    """:func:`populate_read` of ``length`` bytes at ``offset`` of ``file`` mapped at ``addr``;
+    stops first if a peer was lost (``live``: the load's Liveness); errors name the file."""
+    if live is not None:
+        live.check()
+    try:
+        return populate_read(addr, length)
+    except StorageError as exc:
+        raise StorageError("Reading a checkpoint file through its mapping failed", where=f"file {file!r}, "
+                           f"{length} bytes at offset {offset}", got=str(exc).split("Got: ", 1)[-1].split(".")[0],
+                           fix="the file was truncated, replaced or unreadable during the load: check the "
+                               "storage and run the load again") from None
+
+
 def populate_read(addr: int, length: int) -> int:
     """``madvise(MADV_POPULATE_READ)`` over [addr, addr + length), page-aligned outward;
     returns ``length``."""
@@ -127,7 +143,8 @@ def populate_read(addr: int, length: int) -> int:
 def populate_method(root: str, reader: StorageReader) -> str:
     """``"madvise"`` for the real reader on a local filesystem (measured fastest here, warm and
     cold), ``"read"`` otherwise (network filesystems, FUSE, injected readers, old kernels)."""
-    if type(reader) is not FileReader or not _madvise_works():
+    inner = getattr(reader, "inner", reader) if type(reader).__name__ == "GuardedReader" else reader
+    if type(inner) is not FileReader or not _madvise_works():
         return "read"
     fstype = filesystem_type(os.path.realpath(root))
     return "madvise" if fstype in LOCAL_FILESYSTEMS else "read"
