@@ -349,3 +349,18 @@ def test_f4_checkpoint_refused_with_reason(tmp_path) -> None:
     assert load_file(str(tmp_path / "model.safetensors"))["w"].shape == (4, 4)
     with pytest.raises(CheckpointFormatError, match="sub-byte dtype F4.*tensor 'w'"):
         _load(tmp_path, model=None)
+
+
+def test_loading_report_warns_on_rank_0_and_tuple_order(tmp_path, caplog) -> None:
+    """Without output_loading_info a non-strict load that left keys missing / unexpected logs one
+    warning naming them; with return_report too the result is (model, loading_info, report)."""
+    import logging
+    from transformers import AutoModelForSequenceClassification
+    save_tiny_llama(tmp_path, tied=False)
+    with caplog.at_level(logging.WARNING, logger="weightcast"):
+        _load(tmp_path, model=AutoModelForSequenceClassification, num_labels=2, strict=False)
+    text = " ".join(r.getMessage() for r in caplog.records if r.name == "weightcast")
+    assert "score.weight" in text and "lm_head.weight" in text, text
+    model, info, report = _load(tmp_path, model=AutoModelForSequenceClassification, num_labels=2, strict=False,
+                                output_loading_info=True, return_report=True, report_memory=False)
+    assert info["missing_keys"] == {"score.weight"} and report["ranks"][0]["owned_bytes"] > 0
