@@ -13,6 +13,7 @@ import boto3
 import ckpt_factory as cf  # sets HF_HUB_OFFLINE
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from s3_fixtures import (BUCKET, client, data_bytes_served, llama, proxy, s3env, server,  # noqa: F401
                          store, upload_dir)
@@ -142,3 +143,39 @@ def test_cli_inspect_plan_load(llama, s3env, capsys):
     assert "No safetensors weights under the S3 prefix" in err and "Traceback" not in err
     assert main(["load", url, "--storage-option", "nonsense"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ saving
+
+
+def test_cli_save_to_s3_index_last(llama, s3env, capsys, monkeypatch):
+    from weightcast.launch.cli import main
+    from weightcast.workers.api import load_pretrained
+    assert main(["save", f"s3://{BUCKET}/llama", f"s3://{BUCKET}/llama-resaved", "--nproc", "2",
+                 "--max-shard-size", "150KB"]) == 0
+    assert f"s3://{BUCKET}/llama-resaved" in capsys.readouterr().out
+    writes = [s for s in s3env.served if s.method in ("PUT", "POST") and "llama-resaved" in s.path]
+    assert writes[-1].path.endswith("/model.safetensors.index.json"), [w.path for w in writes]
+    assert writes[0].path.endswith(".json") and "index" not in writes[0].path  # small files first
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+    old = load_pretrained(f"s3://{BUCKET}/llama", model=None, progress=False)
+    new = load_pretrained(f"s3://{BUCKET}/llama-resaved", model=None, progress=False)
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+
+
+def test_upload_uses_multipart_for_large_shards(tmp_path, s3env):
+    from weightcast.workers.s3_upload import upload_checkpoint, upload_order
+    assert upload_order(["model.safetensors.index.json", "b.safetensors", "config.json", "a.safetensors"]) == \
+        ["config.json", "a.safetensors", "b.safetensors", "model.safetensors.index.json"]
+    cf.write_single(tmp_path, {"w": torch.randn(3 << 20)})  # 12 MiB
+    keys = upload_checkpoint(str(tmp_path), f"s3://{BUCKET}/big", part_bytes=5 << 20)
+    assert keys == ["big/model.safetensors"]
+    parts = [s for s in s3env.served if s.method == "PUT" and "partNumber=" in s.path]
+    assert len(parts) == 3
+    done = [s for s in s3env.served if s.method == "POST" and "uploadId=" in s.path]
+    assert len(done) == 1 and s3env.served.index(done[0]) > max(s3env.served.index(p) for p in parts)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    from weightcast.workers.api import load_pretrained
+    got = load_pretrained(f"s3://{BUCKET}/big", model=None, progress=False)
+    assert torch.equal(got["w"], sd["w"])
