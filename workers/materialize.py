@@ -3,9 +3,10 @@
 The skeleton is built with ``accelerate.init_empty_weights(include_buffers=False)`` (parameters
 on meta, non-persistent buffers such as rotary ``inv_freq`` computed for real, as
 ``from_pretrained`` computes them) and weight initialisation disabled; the received tensors are
-assigned with ``load_state_dict(assign=True)``, cast to the requested dtype, moved to the rank's
-device, tied weights re-tied, and missing / unexpected keys reported. No parameter is ever
-random-initialised or allocated twice. Not collective: each rank materializes its own part.
+assigned with ``load_state_dict(assign=True)`` (:func:`load_into`) or transformers' own loading
+(:mod:`weightcast.workers.convert`). Loaded parameters are never initialised or allocated twice;
+only parameters the checkpoint lacks are initialised, by :mod:`weightcast.workers.finish`
+(replicate / auto). Not collective: each rank materializes its own part.
 """
 from __future__ import annotations
 
