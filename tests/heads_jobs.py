@@ -54,3 +54,17 @@ def _one_case(case: dict) -> dict:
 def task_heads(args: dict) -> list[dict]:
     """Every rank: each case of ``args["cases"]`` in turn (collective loads)."""
     return [_one_case(case) for case in args["cases"]]
+
+
+def head_over_ranks(args: dict) -> dict:
+    """Every rank: a causal-LM save loaded into a sequence-classification model spread over the
+    ranks (device_map="auto"); reports which parameters this rank holds and its loading info."""
+    from transformers import AutoModelForSequenceClassification
+    from weightcast.workers.api import load_pretrained
+    model, info = load_pretrained(args["source"], model=AutoModelForSequenceClassification, num_labels=2,
+                                  strict=False, device_map="auto", max_memory=args["max_memory"],
+                                  output_loading_info=True, progress=False, timeout=120)
+    held = [n for n, p in model.named_parameters() if not p.is_meta]
+    score = model.score.weight
+    return {"held": held, "info": {k: sorted(map(str, v)) for k, v in info.items()},
+            "score": None if score.is_meta else _stats(score)}

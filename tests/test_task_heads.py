@@ -115,3 +115,18 @@ def test_llama_task_heads_both_ways(llama_lm: str, llama_head: str) -> None:
     _check_loaded(list(by_case[2]), {"lm_head.weight"})  # an untied lm_head, initialised
     assert by_case[2][0]["info"]["unexpected_keys"] == ["score.weight"]
     _check_refused(list(by_case[3]), ("lm_head.weight",))
+
+
+def test_new_head_over_ranks_created_once(llama_lm: str) -> None:
+    """Under device_map="auto" the new head is created on one rank (the last one, after the final
+    layers), never left on meta there, and reported missing by that rank only."""
+    from weightcast.orchestrator.checkpoint import load_index
+    total = load_index(llama_lm).total_bytes
+    budget = {0: int(total * 0.6), 1: int(total * 0.6)}
+    ranks = [r.value for r in spawn(2, "tests.heads_jobs:head_over_ranks",
+                                    {"source": llama_lm, "max_memory": budget}, timeout=240)]
+    assert all(r["held"] for r in ranks)  # both ranks hold part of the body
+    assert ranks[0]["score"] is None and ranks[0]["info"]["missing_keys"] == []
+    assert ranks[1]["score"]["finite"] and ranks[1]["info"]["missing_keys"] == ["score.weight"]
+    unexpected = ranks[0]["info"]["unexpected_keys"] + ranks[1]["info"]["unexpected_keys"]
+    assert unexpected == ["lm_head.weight"]
