@@ -18,9 +18,13 @@ workers execute a plan:
 - **first touch**: memory a rank must hold privately is written once at ``first_touch_gbps``:
   everything a CPU rank owns with the collective transport, only dim > 0 slices with node-shared
   staging (the rest are views of the page cache and the staging area); nothing for GPU ranks.
-- Reading overlaps moving (a bucket moves as soon as it is read: collective buckets, and the
-  node-shared ring, whose readers read their ring buckets first); ``overlap=False`` models
-  reading everything first.
+- Reading overlaps moving: a collective bucket moves as soon as it is read; the node-shared ring
+  is a dataflow whose pieces move as soon as they are read or received, its readers reading
+  their ring buckets first (:mod:`weightcast.orchestrator.cost_ring`). ``overlap=False`` models
+  reading everything first, then the transfer round by round.
+- **node-shared**: the whole group meets at a barrier after the transfer; views follow (no
+  copy: tensors read partly here and partly elsewhere are put whole in the staging area while
+  being read), then private first touches.
 
 The lower bound is ``max(bytes read per node / storage bw, bytes read / aggregate cap,
 busiest link's bytes / its bw, largest private first touch)``: no schedule of the same plan
@@ -34,6 +38,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from weightcast.orchestrator.cluster import GB, ClusterSpec
+from weightcast.orchestrator.cost_ring import ring_ends
 from weightcast.orchestrator.planner import (LoadPlan, TransferItem, owned_bytes, owned_table, slice_bytes,
                                   tensor_lengths)
 
@@ -62,35 +67,38 @@ def predict(plan: LoadPlan, cluster: ClusterSpec, *, overlap: bool | None = None
     read_end = max(read_s, default=0.0)
     if overlap is None:
         overlap = True
-    moved_end = 0.0
-    if transfer_s:
-        if overlap:
-            fill = read_end / max(1, len(rounds))
-            last = max(b / bw[k[0]] for k, b in rounds[-1].items()) if rounds[-1] else 0.0
-            moved_end = max(read_end + last, transfer_s + fill)
-        else:
-            moved_end = read_end + transfer_s
-    busy = {r for t in plan.transfers for r in (t.src, *t.dsts)}
-    if any(t.kind == "broadcast" for t in plan.transfers):
-        busy = set(range(plan.world_size))
-    per_rank = tuple(max(read_s[r], moved_end if r in busy else 0.0) + touch_s[r]
-                     for r in range(plan.world_size))
-    if plan.options.transport == "node-shared":  # a node barrier: ranks build views together
-        per_rank = _node_barrier(per_rank, touch_s, plan)
+    moved = _moved_end(plan, cluster, read_s, node_of, rounds, bw, transfer_s, overlap)
+    per_rank = tuple(max(read_s[r], moved[r]) + touch_s[r] for r in range(plan.world_size))
+    if plan.options.transport == "node-shared":  # barriers of the whole group: views together
+        ready = max((p - t for p, t in zip(per_rank, touch_s)), default=0.0)
+        per_rank = tuple(ready + t for t in touch_s)
     lower, bound_by = lower_bound(plan, cluster, links, touch_s, node_of)
     phases = {"read": read_end, "transfer": transfer_s, "first_touch": max(touch_s, default=0.0)}
     return Prediction(per_rank, max(per_rank, default=0.0), lower, MappingProxyType(phases),
                       bound_by)
 
 
-def _node_barrier(per_rank: tuple[float, ...], touch_s: list[float],
-                  plan: LoadPlan) -> tuple[float, ...]:
-    out = list(per_rank)
-    for _, ranks in plan.nodes:
-        ready = max(per_rank[r] - touch_s[r] for r in ranks)
-        for r in ranks:
-            out[r] = ready + touch_s[r]
-    return tuple(out)
+def _moved_end(plan: LoadPlan, cluster: ClusterSpec, read_s: list[float], node_of: dict[int, str],
+               rounds: list[dict[Link, float]], bw: dict[str, float], transfer_s: float,
+               overlap: bool) -> list[float]:
+    """Per rank: when the bytes it moves have moved. The node-shared ring overlapped with the
+    reads is a dataflow (:mod:`weightcast.orchestrator.cost_ring`); collective buckets move
+    round by round, the first once read (``fill``), the last after the reads end."""
+    if not transfer_s:
+        return [0.0] * plan.world_size
+    read_end = max(read_s, default=0.0)
+    if overlap and any(t.kind == "hop" for t in plan.transfers):
+        return ring_ends(plan, cluster, read_s, node_of)
+    if overlap:
+        fill = read_end / max(1, len(rounds))
+        last = max(b / bw[k[0]] for k, b in rounds[-1].items()) if rounds[-1] else 0.0
+        moved_end = max(read_end + last, transfer_s + fill)
+    else:
+        moved_end = read_end + transfer_s
+    busy = {r for t in plan.transfers for r in (t.src, *t.dsts)}
+    if any(t.kind == "broadcast" for t in plan.transfers):
+        busy = set(range(plan.world_size))
+    return [moved_end if r in busy else 0.0 for r in range(plan.world_size)]
 
 
 # ---------------------------------------------------------------- reading

@@ -133,6 +133,7 @@ def _load(group: Group, request: LoadRequest) -> tuple[Any, dict | None]:
     report.phases = clock.phases
     for name, start, end in stats.events:  # read / transfer / views inside the move phase
         report.phases[name] = [start - clock.t0, end - clock.t0]
+    report.timeline = stats.timeline.compact(since=clock.t0)  # every read, send and receive
     if not request.return_report:
         return result, None
     if request.report_memory:

@@ -4,6 +4,8 @@
 (:func:`segments`), through ``madvise(MADV_POPULATE_READ)`` on its private mapping on local
 filesystems, else with large reads into a small scratch buffer (network filesystems, where
 page-sized mmap faults crawl), or, for object storage, straight into the node's shared areas.
+Ranges of tensors the node also receives over the ring are read (or copied) into the node's
+area too (:mod:`weightcast.workers.mirror`). Every request is recorded in the rank's timeline.
 Per rank, not collective.
 """
 from __future__ import annotations
@@ -14,13 +16,15 @@ import mmap
 import os
 from bisect import bisect_right
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from weightcast.orchestrator.errors import StorageError
 from weightcast.orchestrator.planner import LoadPlan
+from weightcast.workers.mirror import Spans, cut
 from weightcast.workers.reader import FileReader, ReadPool, StorageReader
+from weightcast.workers.timeline import Timeline
 
 
 POPULATE_BYTES = 8 << 20
@@ -72,28 +76,51 @@ class Populate:
     byte range is in; :meth:`finish` until everything is."""
 
     def __init__(self, plan: LoadPlan, rank: int, method: str, maps: Any, pool: ReadPool,
-                 threads: int, bar: Any) -> None:
+                 threads: int, bar: Any, timeline: Timeline | None = None,
+                 mirror: Spans | None = None, area: Callable[[str], torch.Tensor] | None = None) -> None:
         self.bar = bar  # a progress bar, advanced as each request completes
+        self.timeline = timeline or Timeline()  # every request, with start, end and bytes
         self.spans: dict[str, list[tuple[int, int, Future]]] = {}
         self.futures: list[Future] = []
         self._executor = None
+        self.mirror, self.area = mirror or {}, area  # ranges also copied into the node's area
         if method == "madvise":
             check = getattr(pool.reader, "live", None)  # the load's liveness (a GuardedReader's)
             self._executor = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="weightcast-populate")
             for file, off, n in segments(plan, rank, POPULATE_BYTES * 4):
-                self._add(file, off, n, self._executor.submit(populate_file, file, maps.get(file).data_ptr() + off,
-                                                              off, n, check))
+                job = functools.partial(self._populate, maps.get(file), file, off, n, check)
+                self._add(file, off, n, self._executor.submit(self._timed(job, n)))
         elif method == "staged":  # object storage: the bytes land in the node's shared areas
             for file, off, n in segments(plan, rank, pool.reader.request_bytes):  # type: ignore[attr-defined]
                 dest = memoryview(maps.get(file).numpy())[off:off + n]
-                self._add(file, off, n, pool.run(functools.partial(pool.reader.read_into, file, off, dest)))
+                job = functools.partial(pool.reader.read_into, file, off, dest)
+                self._add(file, off, n, pool.run(self._timed(job, n)))
         else:
             scratch = [torch.empty(POPULATE_BYTES, dtype=torch.uint8).numpy() for _ in range(4)]
             for k, (file, off, n) in enumerate(segments(plan, rank, POPULATE_BYTES)):
-                dest = memoryview(scratch[k % len(scratch)])[:n]  # discarded: sharing is fine
-                self._add(file, off, n, pool.run(functools.partial(pool.reader.read_into, file, off, dest)))
+                for a, b, mirrored in cut(self.mirror.get(file, []), off, n):
+                    dest = (memoryview(self.area(file).numpy())[a:b] if mirrored and self.area
+                            else memoryview(scratch[k % len(scratch)])[:b - a])  # discarded: sharing is fine
+                    job = functools.partial(pool.reader.read_into, file, a, dest)
+                    self._add(file, a, b - a, pool.run(self._timed(job, b - a)))
         for spans in self.spans.values():
             spans.sort(key=lambda x: x[0])
+
+    def _populate(self, mapping: torch.Tensor, file: str, off: int, n: int, live: Any) -> None:
+        """Page cache filled through the mapping; mirrored ranges copied into the area."""
+        populate_file(file, mapping.data_ptr() + off, off, n, live)
+        if self.area is not None:
+            for a, b, mirrored in cut(self.mirror.get(file, []), off, n):
+                if mirrored:
+                    self.area(file)[a:b].copy_(mapping[a:b])
+
+    def _timed(self, job: Callable[[], Any], n: int) -> Callable[[], None]:
+        """``job`` recorded in the timeline as one read of ``n`` bytes."""
+        def run() -> None:
+            start = self.timeline.now()
+            job()
+            self.timeline.add("read", start, self.timeline.now(), n)
+        return run
 
     def _add(self, file: str, off: int, n: int, future: Future) -> None:
         self.spans.setdefault(file, []).append((off, off + n, future))

@@ -30,6 +30,7 @@ class LoadReport:
     owned_bytes: int = 0
     seconds: float = 0.0
     phases: dict = field(default_factory=dict)  # phase -> [start, end] seconds since load start
+    timeline: dict = field(default_factory=dict)  # kind -> [[start, end, bytes, count], ...]
     peak_rss_bytes: int = 0
     pss_bytes: int | None = None      # None: not measured (report_memory=False)
     private_bytes: int | None = None

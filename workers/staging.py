@@ -5,7 +5,10 @@
   privately (copy-on-write).
 - Bytes read on another node arrive over the plan's ring hops into one shared-memory area per
   node and file (:mod:`weightcast.workers.staging_areas`), written once by the receiving rank
-  and mapped privately by the node's ranks.
+  and mapped privately by the node's ranks. The ring (:mod:`weightcast.workers.ring`) is a
+  dataflow overlapping the reads. A tensor whose bytes come partly from both places is put
+  whole in the area: the node's readers copy their part there as they read
+  (:mod:`weightcast.workers.mirror`).
 After a barrier each rank's tensors are views of those mappings
 (:mod:`weightcast.workers.staging_views`). A write by one rank never shows in another's
 tensors. Areas are unlinked as soon as every rank has mapped them, by survivors after an error,
@@ -15,19 +18,20 @@ and stale ones of dead loads are reclaimed.
 """
 from __future__ import annotations
 
+import functools
 import time
-from itertools import groupby
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from weightcast.orchestrator.planner import LoadPlan
 from weightcast.workers.collectives import barrier
 from weightcast.workers.group import Group
+from weightcast.workers.mirror import mirror_spans
 from weightcast.workers.populate import Populate, populate_method
 from weightcast.workers.progress import progress_bar
 from weightcast.workers.reader import ReadPool, StorageReader
+from weightcast.workers.ring import run_ring
 from weightcast.workers.staging_areas import Areas, FileMaps, StagedMaps, remove_areas
 from weightcast.workers.staging_views import build_views, node_of
 from weightcast.workers.transfer import TransferStats
@@ -51,9 +55,15 @@ def run_node_shared(group: Group, plan: LoadPlan, root: str, reader: StorageRead
     try:
         t0 = time.perf_counter()
         method = "staged" if staged else populate_method(root, reader)
+        mirror = {} if staged else mirror_spans(plan, group.rank, set(dict(plan.nodes)[node_of(plan, group.rank)]))
+        for file in mirror:
+            areas.writable(file)  # opened here, before the read threads copy into it
         with progress_bar(mine if show_progress and group.rank == 0 else 0, "reading") as bar:
-            populate = Populate(plan, group.rank, method, maps, pool, threads, bar)
-            _run_hops(group, plan, maps, areas, stats, populate.wait)  # overlaps the reads
+            populate = Populate(plan, group.rank, method, maps, pool, threads, bar, stats.timeline,
+                                mirror, areas.writable)
+            run_ring(group, plan, lambda f, here: maps.get(f) if here else areas.writable(f),
+                     areas.writable, populate.wait, functools.partial(node_of, plan), stats,
+                     stats.timeline)  # overlaps the reads
             t_hops = time.perf_counter()
             populate.finish()
         stats.read_bytes = mine if method == "madvise" else reader.bytes_read
@@ -71,35 +81,3 @@ def run_node_shared(group: Group, plan: LoadPlan, root: str, reader: StorageRead
         pool.close()
         areas.close()
     return tensors, stats
-
-
-def _run_hops(group: Group, plan: LoadPlan, maps: FileMaps, areas: Areas, stats: TransferStats,
-              ready: Callable[[str, int, int], None]) -> None:
-    """Ring hops across nodes, round by round: a rank sends a chunk it read once ``ready`` says
-    its bytes are in, and forwards one only after it arrived."""
-    me = group.rank
-    my_node = node_of(plan, me)
-    for _, items in groupby(plan.transfers, key=lambda t: t.round):
-        pending = []
-        for t in items:
-            if t.kind != "hop" or (t.src != me and me not in t.dsts):
-                continue
-            for cid in t.chunks:
-                c = plan.chunks[cid]
-                if t.src == me:
-                    src_node_read = node_of(plan, c.reader) == my_node
-                    if src_node_read:
-                        ready(c.file, c.offset, c.length)
-                    buf = (maps.get(c.file) if src_node_read
-                           else areas.writable(c.file))[c.offset:c.offset + c.length]
-                    pending.append(dist.isend(buf, t.dsts[0], group=group.data_pg))
-                    stats.sent_bytes += c.length
-                    stats.cross_node_sent += c.length
-                else:
-                    dest = areas.writable(c.file)[c.offset:c.offset + c.length]
-                    pending.append(dist.irecv(dest, t.src, group=group.data_pg))
-                    stats.recv_bytes += c.length
-                    stats.cross_node_recv += c.length
-                    stats.staged_bytes += c.length
-        for w in pending:
-            w.wait()

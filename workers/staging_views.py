@@ -1,8 +1,9 @@
 """A rank's tensors as views of the node's mappings (the last step of the node-shared transport).
 
-Zero-copy views where the layout allows (whole tensors, dim-0 slices); dim>0 slices,
-misaligned tensors and tensors whose bytes come partly from the page cache and partly from a
-staging area are one private copy of exactly what the rank owns. Per rank, not collective
+Zero-copy views where the layout allows (whole tensors, dim-0 slices); dim>0 slices and
+misaligned tensors are one private copy of exactly what the rank owns. A tensor whose bytes
+come partly from the page cache and partly from a staging area is a view of the area, which
+the node's readers completed while reading (:mod:`weightcast.workers.mirror`). Per rank, not collective
 (called after the node's barrier).
 """
 from __future__ import annotations
@@ -65,13 +66,9 @@ def _tensor_for(lay: OwnedLayout, chunks: list[Chunk], node_ranks: set[int], map
             shm_maps[first.file] = torch.empty(0, dtype=torch.uint8).set_(storage)
         return shm_maps[first.file]
 
-    if all(local) or not any(local):
-        raw = source(all(local))[lo:hi]
-    else:  # bytes partly in the page cache, partly staged: assemble one private copy
-        raw = torch.empty(hi - lo, dtype=torch.uint8)
-        for c, is_local in zip(chunks, local):
-            a, b = max(lo, c.offset), min(hi, c.offset + c.length)
-            raw[a - lo:b - lo] = source(is_local)[a:b]
+    # bytes partly read here, partly received: the node's readers mirrored their part into the
+    # area while reading (workers/mirror.py), so the area holds the whole range
+    raw = source(all(local))[lo:hi]
     if lay.contiguous:
         return view_bytes_as(raw, o.dtype, shape)
     full = view_bytes_as(raw, o.dtype, o.shape)

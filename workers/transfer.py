@@ -23,6 +23,7 @@ from weightcast.workers.group import Group
 from weightcast.workers.layout import (OwnedLayout, byte_view, chunk_region, local_shape, owned_by, owners_of,
                             torch_dtype, view_bytes_as)
 from weightcast.workers.reader import ReadPool, StorageReader
+from weightcast.workers.timeline import Timeline
 
 SCRATCH_BYTES = 16 << 20
 
@@ -36,6 +37,7 @@ class TransferStats:
     cross_node_recv: int = 0
     staged_bytes: int = 0
     events: list = field(default_factory=list)
+    timeline: Timeline = field(default_factory=Timeline)  # reads, sends, receives of the load
 
 
 class _Buffers:
