@@ -24,7 +24,9 @@ workers execute a plan:
   reading everything first, then the transfer round by round.
 - **node-shared**: the whole group meets at a barrier after the transfer; views follow (no
   copy: tensors read partly here and partly elsewhere are put whole in the staging area while
-  being read), then private first touches.
+  being read), then private first touches and unmapping the staging areas.
+- **fixed** costs per load: the planning exchange and phase syncs; ``phases["first_access"]``
+  is what mapping the views' pages costs their first reader (outside the load itself).
 
 The lower bound is ``max(bytes read per node / storage bw, bytes read / aggregate cap,
 busiest link's bytes / its bw, largest private first touch)``: no schedule of the same plan
@@ -41,6 +43,11 @@ from weightcast.orchestrator.cluster import GB, ClusterSpec
 from weightcast.orchestrator.cost_ring import ring_ends
 from weightcast.orchestrator.planner import (LoadPlan, TransferItem, owned_bytes, owned_table, slice_bytes,
                                   tensor_lengths)
+
+# Measured on the development VM (2 cores) and its emulated cluster, 2026-12-05:
+FIXED_SECONDS = 0.03   # planning exchange and phase syncs of one load (4 ranks)
+RELEASE_GBPS = 5.0     # unmapping a rank's staging areas after its views are made
+VIEW_MAP_GBPS = 4.0    # first access to the pages of node-shared views (page-table setup)
 
 Link = tuple[str, object]  # ("rank-out" | "rank-in" | "node-out" | "node-in" | "touch", rank/node)
 
@@ -68,14 +75,45 @@ def predict(plan: LoadPlan, cluster: ClusterSpec, *, overlap: bool | None = None
     if overlap is None:
         overlap = True
     moved = _moved_end(plan, cluster, read_s, node_of, rounds, bw, transfer_s, overlap)
-    per_rank = tuple(max(read_s[r], moved[r]) + touch_s[r] for r in range(plan.world_size))
+    after = fixed_seconds(plan, node_of)
+    per_rank = tuple(max(read_s[r], moved[r]) + touch_s[r] + after[r] for r in range(plan.world_size))
     if plan.options.transport == "node-shared":  # barriers of the whole group: views together
-        ready = max((p - t for p, t in zip(per_rank, touch_s)), default=0.0)
-        per_rank = tuple(ready + t for t in touch_s)
+        ready = max((p - t - a for p, t, a in zip(per_rank, touch_s, after)), default=0.0)
+        per_rank = tuple(ready + t + a for t, a in zip(touch_s, after))
     lower, bound_by = lower_bound(plan, cluster, links, touch_s, node_of)
-    phases = {"read": read_end, "transfer": transfer_s, "first_touch": max(touch_s, default=0.0)}
+    phases = {"read": read_end, "transfer": transfer_s, "first_touch": max(touch_s, default=0.0),
+              "fixed": max(after, default=0.0), "first_access": first_access_seconds(plan)}
     return Prediction(per_rank, max(per_rank, default=0.0), lower, MappingProxyType(phases),
                       bound_by)
+
+
+def fixed_seconds(plan: LoadPlan, node_of: dict[int, str]) -> list[float]:
+    """Per rank: the costs of a load besides moving bytes: the planning exchange and phase
+    syncs (:data:`FIXED_SECONDS`) and, with node-shared staging, unmapping the areas a rank
+    received into once the views are made (:data:`RELEASE_GBPS`)."""
+    out = [FIXED_SECONDS] * plan.world_size
+    if plan.options.transport == "node-shared":
+        sizes = [c.length for c in plan.chunks]
+        for t in plan.transfers:
+            if t.kind == "hop":
+                for d in t.dsts:
+                    out[d] += sum(sizes[c] for c in t.chunks) / (RELEASE_GBPS * GB)
+    return out
+
+
+def first_access_seconds(plan: LoadPlan) -> float:
+    """Seconds the busiest rank spends mapping the pages of its views on their first access
+    (node-shared CPU ranks get views, not copies; not part of the load, but of a benchmark that
+    touches every page): :data:`VIEW_MAP_GBPS`."""
+    if plan.options.transport != "node-shared":
+        return 0.0
+    lengths = tensor_lengths(plan)
+    per_rank = [0] * plan.world_size
+    for row in owned_table(plan).rows:
+        n = owned_bytes(row, lengths.get(row.name, 0))
+        for r in row.ranks:
+            per_rank[r] += n
+    return max(per_rank, default=0) / (VIEW_MAP_GBPS * GB)
 
 
 def _moved_end(plan: LoadPlan, cluster: ClusterSpec, read_s: list[float], node_of: dict[int, str],

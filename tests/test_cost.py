@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from weightcast.orchestrator.cost import predict, water_fill
+from weightcast.orchestrator.cost import FIXED_SECONDS, predict, water_fill
 from weightcast.orchestrator.device_map import ClusterDeviceMap, Shard
 from weightcast.orchestrator.planner import PlanOptions, plan_load
 from tests.plan_fixtures import llama_index, make_cluster, make_index, replicate_map, tp_map
@@ -35,7 +35,8 @@ def test_single_node_collective_replicate() -> None:
     assert p.phases["transfer"] == pytest.approx(8e6 / 2e9)
     assert p.phases["first_touch"] == pytest.approx(8e6 / 4e9)
     assert p.lower_bound_seconds == pytest.approx(8e6 / GB) and p.bound_by == "storage per node"
-    assert p.lower_bound_seconds <= p.total_seconds <= 8e6 / GB + 8e6 / 2e9 + 8e6 / 4e9 + 1e-9
+    assert p.phases["fixed"] == pytest.approx(FIXED_SECONDS)  # the planning exchange and syncs
+    assert p.lower_bound_seconds <= p.total_seconds <= 8e6 / GB + 8e6 / 2e9 + 8e6 / 4e9 + FIXED_SECONDS + 1e-9
     assert p.per_rank_seconds[0] == p.per_rank_seconds[1] == p.total_seconds
 
 

@@ -112,7 +112,20 @@ def counters(args: argparse.Namespace) -> dict:
              for item in json.loads(out) if item["ifname"].startswith("p")}
     return {"storage_bytes": stats["total_bytes"], "storage_clients": stats["clients"],
             "storage_cpu_s": stats.get("cpu_s", 0.0), "links": links, "time": time.time(),
-            "loadavg": os.getloadavg()[0], "reclaimed_pages": _reclaimed_pages()}
+            "loadavg": os.getloadavg()[0], "reclaimed_pages": _reclaimed_pages(), "cpu": cpu_jiffies()}
+
+
+def cpu_jiffies() -> list[int]:
+    """Machine-wide CPU time so far (``/proc/stat``): [busy, total] in clock ticks; busy is
+    everything but idle and iowait (the emulated links and storage run in the kernel and in the
+    FUSE daemon, so this is what the whole emulation used)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return [0, 0]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return [sum(fields[:8]) - idle, sum(fields[:8])]
 
 
 def _reclaimed_pages() -> int:
@@ -140,7 +153,17 @@ def delta(before: dict, after: dict) -> dict:
             "link_bytes": sum(v["rx"] for v in links.values()),
             "links": links, "storage_cpu_s": after.get("storage_cpu_s", 0) - before.get("storage_cpu_s", 0),
             "loadavg": [before.get("loadavg"), after.get("loadavg")],
-            "reclaimed_bytes": 4096 * (after.get("reclaimed_pages", 0) - before.get("reclaimed_pages", 0))}
+            "reclaimed_bytes": 4096 * (after.get("reclaimed_pages", 0) - before.get("reclaimed_pages", 0)),
+            **_cpu_delta(before.get("cpu"), after.get("cpu"))}
+
+
+def _cpu_delta(before: list[int] | None, after: list[int] | None) -> dict:
+    """The machine's CPU use during a trial: busy core-seconds and the busy fraction of all cores."""
+    if not before or not after or after[1] <= before[1]:
+        return {}
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return {"cpu_busy_s": busy / os.sysconf("SC_CLK_TCK"), "cpu_busy_frac": busy / total,
+            "cpu_cores": os.cpu_count()}
 
 
 def _trial(load: LoadFn, args: argparse.Namespace, ident: dict) -> dict | None:
@@ -154,13 +177,15 @@ def _trial(load: LoadFn, args: argparse.Namespace, ident: dict) -> dict | None:
     dist.barrier()
     before = counters(args) if ident["rank"] == 0 else None
     dist.barrier()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     result, extra = load(args.source, args)
+    cpu_s = time.process_time() - cpu0
     load_s = time.perf_counter() - t0
     dist.barrier()
     wall = time.perf_counter() - t0
     after = counters(args) if ident["rank"] == 0 else None
-    mine = {**ident, "load_s": load_s, **memory_figures(), "rss_before": base.get("rss", 0), **extra}
+    mine = {**ident, "load_s": load_s, "cpu_s": cpu_s, **memory_figures(), "rss_before": base.get("rss", 0),
+            **extra}
     del result
     gc.collect()
     ranks: list = [None] * dist.get_world_size()

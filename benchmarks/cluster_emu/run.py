@@ -141,7 +141,8 @@ def sweep_one(topo: Topology, keys: list[str], src: str, size: int, results_dir:
         if "error" not in row:
             print(f"  {spec.label:<22} {row['wall_median_s']:7.2f} s  storage {row['storage_x']:.2f}x"
                   f"  links {row['link_bytes'] / 1e9:.2f} GB  (load average up to "
-                  f"{row['loadavg_max'] or 0:.1f})", flush=True)
+                  f"{row['loadavg_max'] or 0:.1f}, machine CPU busy {row['cpu_busy_frac']:.0%}, "
+                  f"ranks' CPU {row['rank_cpu_s']:.1f} s)", flush=True)
     data["runs"][f"{topo.nodes}n"] = {"results": results, "seconds": time.monotonic() - t0}
     return rows
 
