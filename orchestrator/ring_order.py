@@ -26,7 +26,7 @@ def pieces_of(plan: LoadPlan, chunk_ids: tuple[int, ...], size: int = PIECE_BYTE
 
 def first_hop_bases(plan: LoadPlan) -> dict[int, int]:
     """Chunk id -> bytes its reader sends on the ring before it (step-0 hops in plan order: the
-    order the reader reads them in, see ``staging._segments``)."""
+    order the reader reads them in, see ``workers.populate.segments``)."""
     sent: dict[int, int] = defaultdict(int)
     base = {}
     for t in plan.transfers:
