@@ -42,9 +42,10 @@ POLL_S = 0.2  # how often a blocked sender checks whether a helper thread failed
 class _Arrivals:
     """Which received pieces are in; helper-thread failures, re-raised to the caller."""
 
-    def __init__(self) -> None:
+    def __init__(self, live: Any = None) -> None:
         self.events: dict[tuple[int, int], threading.Event] = {}
         self.errors: list[BaseException] = []
+        self.live = live  # the load's liveness: a lost peer ends the wait at once
 
     def event(self, cid: int, off: int) -> threading.Event:
         return self.events.setdefault((cid, off), threading.Event())
@@ -55,6 +56,8 @@ class _Arrivals:
             self.check()
 
     def check(self) -> None:
+        if self.live is not None:
+            self.live.check()
         if self.errors:
             raise self.errors[0]
 
@@ -84,7 +87,8 @@ def _waiter(works: "queue.SimpleQueue", kind: str, timeline: Timeline,
 
 def run_ring(group: Group, plan: LoadPlan, source: Callable[[str, bool], torch.Tensor],
              dest: Callable[[str], torch.Tensor], ready: Callable[[str, int, int], None],
-             node_of: Callable[[int], str], stats: TransferStats, timeline: Timeline) -> None:
+             node_of: Callable[[int], str], stats: TransferStats, timeline: Timeline,
+             live: Any = None) -> None:
     """Run this rank's ring hops (collective). ``source(file, read_here)`` is the bytes this rank
     sends from (its mapping of the file when its node read the chunk, else the node's area);
     ``dest(file)`` the area received bytes land in; ``ready(file, off, n)`` blocks until this
@@ -103,11 +107,13 @@ def run_ring(group: Group, plan: LoadPlan, source: Callable[[str, bool], torch.T
                 recvs[t.src].append((key, piece))
     sends.sort()
     recvs = {src: [piece for _, piece in sorted(items)] for src, items in recvs.items()}
-    arrivals = _Arrivals()
+    arrivals = _Arrivals(live)
     threads = [_post_recvs(group, src, items, dest, stats, timeline, arrivals) for src, items in recvs.items()]
     threads += _post_sends(group, sends, source, ready, stats, timeline, arrivals)
     for thread in threads:
-        thread.join()
+        while thread.is_alive():  # a lost peer or a failed wait ends this at once
+            thread.join(POLL_S)
+            arrivals.check()
     arrivals.check()
 
 

@@ -63,7 +63,7 @@ def run_node_shared(group: Group, plan: LoadPlan, root: str, reader: StorageRead
                                 mirror, areas.writable)
             run_ring(group, plan, lambda f, here: maps.get(f) if here else areas.writable(f),
                      areas.writable, populate.wait, functools.partial(node_of, plan), stats,
-                     stats.timeline)  # overlaps the reads
+                     stats.timeline, getattr(reader, "live", None))  # overlaps the reads
             t_hops = time.perf_counter()
             populate.finish()
         stats.read_bytes = mine if method == "madvise" else reader.bytes_read
