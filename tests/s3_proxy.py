@@ -138,6 +138,15 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     state: ProxyState
+    aborted = 0  # responses the client hung up on before the body was sent
+
+    def handle_error(self, request, client_address) -> None:  # a client closing early is counted, not printed
+        import sys
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            with self.state.lock:
+                self.aborted += 1
+            return
+        super().handle_error(request, client_address)
 
 
 class CountingProxy:

@@ -179,3 +179,34 @@ def test_upload_uses_multipart_for_large_shards(tmp_path, s3env):
     from weightcast.workers.api import load_pretrained
     got = load_pretrained(f"s3://{BUCKET}/big", model=None, progress=False)
     assert torch.equal(got["w"], sd["w"])
+
+
+# ------------------------------------------------------------------ error classification (no server)
+
+
+def _client_error(code: str, status: int, headers: dict | None = None):
+    from botocore.exceptions import ClientError
+    return ClientError({"Error": {"Code": code, "Message": "m"},
+                        "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": headers or {}}}, "GetObject")
+
+
+def test_classify_names_bucket_key_and_fix():
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+    from weightcast.orchestrator.errors import StorageError
+    from weightcast.workers.s3 import _Retry, classify
+    opts = S3Options()
+    region = classify(_client_error("PermanentRedirect", 301, {"x-amz-bucket-region": "eu-west-3"}), "b1", "k", opts)
+    assert isinstance(region, StorageError) and "AWS_REGION=eu-west-3" in str(region) and "'b1'" in str(region)
+    missing = classify(_client_error("NoSuchBucket", 404), "b1", "k", opts)
+    assert isinstance(missing, CheckpointNotFoundError) and "bucket 'b1'" in str(missing)
+    key = classify(_client_error("NoSuchKey", 404), "b1", "p/k", opts)
+    assert isinstance(key, CheckpointNotFoundError) and "s3://b1/p/k" in str(key)
+    denied = classify(_client_error("AccessDenied", 403), "b1", "k", opts)
+    assert isinstance(denied, StorageError) and "AWS_ACCESS_KEY_ID" in str(denied)
+    changed = classify(_client_error("PreconditionFailed", 412), "b1", "k", opts)
+    assert "changed between planning and reading" in str(changed)
+    assert isinstance(classify(_client_error("SlowDown", 503), "b1", "k", opts), _Retry)
+    assert isinstance(classify(_client_error("InternalError", 500), "b1", "k", opts), _Retry)
+    assert isinstance(classify(EndpointConnectionError(endpoint_url="http://x"), "b1", "k", opts), _Retry)
+    creds = classify(NoCredentialsError(), "b1", "k", opts)
+    assert isinstance(creds, StorageError) and "AWS_PROFILE" in str(creds)
