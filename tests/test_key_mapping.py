@@ -113,3 +113,26 @@ def test_expert_keys_map_to_fused_parameters(tmp_path) -> None:
     assert mapped["model.layers.0.block_sparse_moe.gate.weight"] == ("model.layers.0.mlp.gate.weight", None)
     targets = {t for t, _ in mapped.values()}
     assert targets == set(model.state_dict())  # every parameter made by some checkpoint key
+
+
+def test_key_rules_follow_the_models_tp_and_ep_plans(tmp_path) -> None:
+    """Mixtral on 2-way groups: attention split as its tp_plan says (q/k/v rows, o columns), every
+    per-expert tensor owned by the rank whose half of the experts holds it, norms and router whole."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, MixtralForCausalLM
+    from weightcast.orchestrator.checkpoint import load_index
+    from weightcast.orchestrator.key_mapping import KeyRule
+    from weightcast.workers.tp_hf import key_rules
+    save_zoo_model(tmp_path, "mixtral")
+    with init_empty_weights():
+        model = MixtralForCausalLM(AutoConfig.from_pretrained(str(tmp_path)))
+    shapes = {t.name: tuple(t.shape) for t in load_index(str(tmp_path)).tensors}
+    rules = key_rules(model, shapes, 2, 2)
+    layer = "model.layers.1."
+    assert rules[layer + "self_attn.q_proj.weight"] == KeyRule("shard", 0)
+    assert rules[layer + "self_attn.o_proj.weight"] == KeyRule("shard", 1)
+    for e in range(4):
+        for w in ("w1", "w2", "w3"):
+            assert rules[f"{layer}block_sparse_moe.experts.{e}.{w}.weight"] == KeyRule("expert", 0, e, 4)
+    assert layer + "block_sparse_moe.gate.weight" not in rules  # replicated
+    assert layer + "input_layernorm.weight" not in rules
