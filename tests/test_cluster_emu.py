@@ -154,32 +154,33 @@ def test_two_node_emulated_load(tmp_path):
     for f in files:
         expected.update(rank_common.digests(load_file(str(src / f))))
 
-    topo = Topology(nodes=2, prefix="wctest-", workdir=str(tmp_path / "emu"), subnet="10.201.7.0/24",
+    prefix = f"wct{os.getpid() % 100000}-"  # its own namespaces: another run may be going on
+    topo = Topology(nodes=2, prefix=prefix, workdir=str(tmp_path / "emu"), subnet="10.201.7.0/24",
                     read_ahead_kb=0, storage_mbps=200)
     yaml_path = str(tmp_path / "emu-2n.yaml")
     with open(yaml_path, "w") as f:
         f.write(cluster_yaml(topo))
     try:
         harness.cluster_up(topo, str(src))
-        assert netns.our_namespaces("wctest-") == ["wctest-n0", "wctest-n1", "wctest-sw"]
+        assert netns.our_namespaces(prefix) == [f"{prefix}n0", f"{prefix}n1", f"{prefix}sw"]
         results = harness.run_loaders(topo, ["naive", "wc-replicate"], str(tmp_path / "out"),
                                       trials=1, cluster_yaml=yaml_path, port=29500,
                                       timeout=480, extra_args=("--verify",))
     finally:
         harness.cluster_down(topo)
-    assert netns.our_namespaces("wctest-") == []
+    assert netns.our_namespaces(prefix) == []
     assert not storage.is_mounted(topo.mountpoint)
 
     naive = results["naive"]["trials"][0]
     assert naive["storage_bytes"] == 2 * st_bytes
-    assert naive["storage_clients"] == {"wctest-n0": st_bytes, "wctest-n1": st_bytes}
+    assert naive["storage_clients"] == {f"{prefix}n0": st_bytes, f"{prefix}n1": st_bytes}
     wc = results["wc-replicate"]["trials"][0]
     tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     # every tensor byte once; beyond that only headers, the JSON files and the pages that two
     # nodes' ranges share (buffered reads are page-granular)
     slack = 2 * len(files) * 2 * 4096
     assert tensor_bytes <= wc["storage_bytes"] <= all_bytes + slack, wc["storage_clients"]
-    assert set(wc["storage_clients"]) == {"wctest-n0", "wctest-n1"}
+    assert set(wc["storage_clients"]) == {f"{prefix}n0", f"{prefix}n1"}
     assert wc["link_bytes"] >= 0.4 * st_bytes  # each node received what the other read
     for trial in (naive, wc):
         for rank in trial["ranks"]:
