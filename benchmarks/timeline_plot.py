@@ -4,7 +4,8 @@
     python -m benchmarks.timeline_plot RESULTS.json OUT.png [--loader KEY] [--trial N]
 
 ``RESULTS.json`` is an emulated sweep's ``emu-results.json`` (``--loader`` picks the loader,
-``--nodes`` the node count) or a per-loader ``<key>.json`` of one launch. Needs matplotlib.
+``--nodes`` the node count), a per-loader ``<key>.json`` of one launch, or a load report
+(``weightcast load --report FILE``). Needs matplotlib.
 """
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ PHASE_COLORS = {"plan": "#bbbbbb", "views": "#9467bd", "materialize": "#8c564b"}
 
 
 def rank_entries(data: dict, loader: str | None, nodes: str | None, trial: int) -> list[dict]:
-    """The per-rank report entries (``phases``, ``timeline``) of one trial of one loader."""
+    """The per-rank report entries (``phases``, ``timeline``) of one trial of one loader, or of a
+    load report (``return_report=True``, ``weightcast load --report``)."""
+    if "ranks" in data and "trials" not in data:  # a load report
+        return sorted(data["ranks"], key=lambda r: r.get("rank", 0))
     if "runs" in data:  # a sweep's emu-results.json
         runs = data["runs"]
         run = runs[nodes] if nodes else next(iter(runs.values()))
