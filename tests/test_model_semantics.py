@@ -187,6 +187,8 @@ def test_unknown_keyword_refused_with_model_none(tmp_path) -> None:
     save_tiny_llama(tmp_path)
     with pytest.raises(ConfigError, match="devic_map"):
         _load(tmp_path, model=None, devic_map="tp")
+    with pytest.raises(ConfigError, match="num_labels"):
+        _load(tmp_path, model=_Net, num_labels=3)
 
 
 def test_plain_module_missing_parameter_reset_like_its_module(tmp_path) -> None:

@@ -23,6 +23,7 @@ from weightcast.workers.execute import execute_plan, plan_on_rank0, resolve_node
 from weightcast.workers.finish import LoadingInfo
 from weightcast.workers.finish import report as report_loading
 from weightcast.workers.materialize import resolve_dtype
+from weightcast.workers.hf_model import is_hf_class
 from weightcast.workers.model_load import take_loading_info
 from weightcast.workers.testing import at_phase
 from weightcast.workers.report import LoadReport, PhaseClock, gather_reports, memory_now, summary
@@ -68,7 +69,7 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
     request = LoadRequest.from_call(locals())
     from weightcast.workers.convert import check_key_mapping
     check_key_mapping(request.key_mapping)
-    if model_kwargs and (model is None or isinstance(model, torch.nn.Module)):
+    if model_kwargs and not (isinstance(model, str) and model == "auto" or is_hf_class(model)):
         raise ConfigError("Unknown keyword arguments", where="load_pretrained(...)", got=sorted(model_kwargs),
                           expected="config overrides only with model='auto' or a transformers class",
                           fix="check the argument names, or pass a transformers model class")
