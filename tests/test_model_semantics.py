@@ -366,3 +366,18 @@ def test_loading_report_warns_on_rank_0_and_tuple_order(tmp_path, caplog) -> Non
     model, info, report = _load(tmp_path, model=AutoModelForSequenceClassification, num_labels=2, strict=False,
                                 output_loading_info=True, return_report=True, report_memory=False)
     assert info["missing_keys"] == {"score.weight"} and report["ranks"][0]["owned_bytes"] > 0
+
+
+def test_auto_dtype_from_index_metadata_as_from_pretrained(tmp_path) -> None:
+    """No dtype in config.json, a ``dtype`` in the index metadata: from_pretrained takes the index's."""
+    from transformers import LlamaForCausalLM
+    save_tiny_llama(tmp_path, max_shard_size="40KB")
+    _edit_config(tmp_path, dtype=None)
+    index = tmp_path / "model.safetensors.index.json"
+    obj = json.loads(index.read_text())
+    obj["metadata"]["dtype"] = "bfloat16"
+    index.write_text(json.dumps(obj))
+    mine = _load(tmp_path, dtype="auto")
+    ref = LlamaForCausalLM.from_pretrained(str(tmp_path), dtype="auto")
+    assert ref.model.embed_tokens.weight.dtype == torch.bfloat16
+    _assert_same_state(mine, ref)

@@ -8,7 +8,7 @@ keys initialised, ties, the report). Not collective.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -69,7 +69,7 @@ _FLOAT_CODES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "
 def first_float_dtype(index: Any) -> str | None:
     """Rank 0: the dtype ``from_pretrained(dtype="auto")`` takes when config.json names none: the
     index metadata's ``dtype``, else the first floating tensor (by name) of the first file."""
-    named = (index.metadata or {}).get("dtype") if isinstance(index.metadata, dict) else None
+    named = index.metadata.get("dtype") if isinstance(index.metadata, Mapping) else None
     if isinstance(named, str):
         return named.replace("torch.", "")
     if not index.files:
