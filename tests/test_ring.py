@@ -135,3 +135,28 @@ def test_three_node_ring_bit_exact_with_timelines(big: str, strategy: str) -> No
         if strategy == "replicate":  # a node receives all it did not read, half of it forwarded
             assert entry["recv_bytes"] + entry["read_bytes"] == report["checkpoint_bytes"]
             assert entry["sent_bytes"] > entry["read_bytes"]
+
+
+# ---------------------------------------------------------------- benchmark side
+
+def test_timeline_plot_and_sweep_table(tmp_path) -> None:
+    """The per-rank plot reads a load report; the sweep table divides by the baseline of the same
+    node count and rates, and by the prediction."""
+    from benchmarks import timeline_plot
+    from benchmarks.cluster_emu import sweep
+    report = {"ranks": [{"rank": r, "phases": {"plan": [0, 0.1], "views": [3.0, 3.1]},
+                         "timeline": {"read": [[0.1, 2.0, 100, 3]], "send": [[0.5, 2.9, 300, 9]],
+                                      "recv": [[0.2, 3.0, 300, 9]]}} for r in range(2)]}
+    entries = timeline_plot.rank_entries(report, None, None, 0)
+    out = timeline_plot.plot(entries, str(tmp_path / "t.png"))
+    assert (tmp_path / "t.png").stat().st_size > 1000 and out.endswith("t.png")
+    assert timeline_plot.summary(entries)[0]["send"] == {"start": 0.5, "end": 2.9, "bytes": 300,
+                                                          "gbps": round(300 / 2.4 / 1e9, 4)}
+    common = {"nodes": 4, "ranks_per_node": 1, "link_gbit": 1.0, "storage_mbps": 125.0,
+              "storage_x": 1.0, "cpu_busy_frac": 0.5, "loadavg_max": 1.5}
+    rows = [{**common, "key": "hf", "loader": "from_pretrained", "wall_min_s": 32.0,
+             "wall_median_s": 32.5, "model_s": 31.5},
+            {**common, "key": "wc-replicate", "loader": "weightcast replicate", "wall_min_s": 8.0,
+             "wall_median_s": 8.4, "model_s": 8.5}]
+    text = sweep.table(rows)
+    assert "| 4 | 1 Gbit/s, 125 MB/s | weightcast replicate | 8.00 / 8.40 | 4.00 | 8.50 | 0.94 |" in text
