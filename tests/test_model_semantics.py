@@ -381,3 +381,14 @@ def test_auto_dtype_from_index_metadata_as_from_pretrained(tmp_path) -> None:
     ref = LlamaForCausalLM.from_pretrained(str(tmp_path), dtype="auto")
     assert ref.model.embed_tokens.weight.dtype == torch.bfloat16
     _assert_same_state(mine, ref)
+
+
+def test_model_class_brings_its_own_config_class(tmp_path) -> None:
+    """A model class whose config class differs from config.json's model_type builds its own
+    config from config.json, as Cls.from_pretrained does (a Llama save into Mistral)."""
+    from transformers import MistralConfig, MistralForCausalLM
+    save_tiny_llama(tmp_path, tied=False)
+    mine = _load(tmp_path, model=MistralForCausalLM)
+    ref = MistralForCausalLM.from_pretrained(str(tmp_path))
+    assert type(mine.config) is type(ref.config) is MistralConfig
+    _assert_same_state(mine, ref)

@@ -44,13 +44,18 @@ def needs_remote_code(config: dict) -> bool:
     return bool(config.get("auto_map")) and config.get("model_type") not in CONFIG_MAPPING
 
 
-def hf_config(config: dict, root: str | None, overrides: dict, trust_remote_code: bool) -> tuple[Any, dict]:
+def hf_config(config: dict, root: str | None, overrides: dict, trust_remote_code: bool,
+              model: Any = "auto") -> tuple[Any, dict]:
     """``(PretrainedConfig, model_kwargs)`` as ``from_pretrained`` builds them: config.json's values,
     then ``overrides`` set where the config has the attribute; the rest are returned for the model's
-    ``__init__``. A custom config class (``auto_map``) is used only with ``trust_remote_code``."""
+    ``__init__``. A model class brings its own ``config_class`` (as ``Cls.from_pretrained``); a
+    custom config class (``auto_map``) is used only with ``trust_remote_code``."""
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     cfg = {k: v for k, v in config.items() if k not in ("transformers_version",)}
+    own = getattr(model, "config_class", None) if isinstance(model, type) and not _is_auto_class(model) else None
+    if own is not None and getattr(own, "model_type", None):
+        return own.from_dict(cfg, return_unused_kwargs=True, **overrides)
     model_type = cfg.get("model_type")
     if not model_type:
         raise ConfigError("config.json has no model_type", where="config.json", fix="pass model=<factory>")
@@ -119,7 +124,7 @@ def instantiate(model: Any, config: dict, *, root: str | None, source: str, over
     """A transformers model with its parameters on meta and its weights untied (tying waits for
     the checkpoint, as in ``from_pretrained``); ``config.dtype`` and ``name_or_path`` set as
     ``from_pretrained`` sets them. Call inside the skeleton's no-init context."""
-    hf_cfg, model_kwargs = hf_config(config, root, dict(overrides), trust_remote_code)
+    hf_cfg, model_kwargs = hf_config(config, root, dict(overrides), trust_remote_code, model)
     if dtype is not None:
         hf_cfg.dtype = dtype
         for sub in getattr(hf_cfg, "sub_configs", {}) or {}:
