@@ -95,3 +95,8 @@ def auto_vs_from_pretrained(args: dict) -> dict:
     return {"experts": sorted(n for n in held if ".experts." in n),
             "differ": [n for n, p in held.items() if not torch.equal(p, ref[n])],
             "held": len(held), "total": len(ref)}
+
+
+def zoo_checks(args: dict) -> dict:
+    """Every rank: the ``replicate`` checks, then the ``tp`` checks, in one process."""
+    return {"replicate": replicate_vs_from_pretrained(args), "tp": tp_vs_from_pretrained(args)}

@@ -136,3 +136,17 @@ def test_key_rules_follow_the_models_tp_and_ep_plans(tmp_path) -> None:
             assert rules[f"{layer}block_sparse_moe.experts.{e}.{w}.weight"] == KeyRule("expert", 0, e, 4)
     assert layer + "block_sparse_moe.gate.weight" not in rules  # replicated
     assert layer + "input_layernorm.weight" not in rules
+
+
+def test_experts_that_do_not_split_evenly_are_refused_before_reading(tmp_path) -> None:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, MixtralForCausalLM
+    from weightcast.orchestrator.checkpoint import load_index
+    from weightcast.orchestrator.errors import ConfigError
+    from weightcast.workers.tp_hf import key_rules
+    save_zoo_model(tmp_path, "mixtral")  # 4 experts
+    with init_empty_weights():
+        model = MixtralForCausalLM(AutoConfig.from_pretrained(str(tmp_path)))
+    shapes = {t.name: tuple(t.shape) for t in load_index(str(tmp_path)).tensors}
+    with pytest.raises(ConfigError, match="experts do not split evenly"):
+        key_rules(model, shapes, 3, 3)

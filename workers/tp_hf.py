@@ -92,7 +92,23 @@ def key_rules(module: Any, shapes: Mapping[str, tuple[int, ...]], tp_size: int, 
             index = position.get((target, pattern), 0)
             position[(target, pattern)] = index + 1
             rules[key] = KeyRule("expert", 0, index, params[target].shape[0])
+    _check_experts(params, dims, styles, tp_size)
     return rules
+
+
+def _check_experts(params: dict, dims: dict, styles: dict, tp_size: int) -> None:
+    """Experts split over the group must divide evenly (transformers' expert parallelism refuses
+    otherwise): refused here, before any byte is read."""
+    from transformers.distributed.expert_parallel import MoEParamShard
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+    for name, dim in dims.items():
+        style = ALL_PARALLEL_STYLES[styles[name]] if styles[name] in ALL_PARALLEL_STYLES else None
+        count = params[name].shape[0]
+        if isinstance(style, MoEParamShard) and dim == 0 and count % tp_size:
+            raise ConfigError("The experts do not split evenly over the tensor-parallel group",
+                              where=f"parameter {name}", expected=f"a tp size dividing {count} experts",
+                              got=f"tp size {tp_size}", fix="pass a tp_size that divides the number of experts, "
+                              "or load with device_map='replicate' or 'auto'")
 
 
 class HeldTensor:
