@@ -392,3 +392,24 @@ def test_model_class_brings_its_own_config_class(tmp_path) -> None:
     ref = MistralForCausalLM.from_pretrained(str(tmp_path))
     assert type(mine.config) is type(ref.config) is MistralConfig
     _assert_same_state(mine, ref)
+
+
+def test_ignore_mismatched_sizes_reinitialises_the_head(tmp_path) -> None:
+    """A 3-label classifier save loaded with num_labels=5: refused by default (from_pretrained
+    raises too); with ignore_mismatched_sizes=True the head is initialised anew and reported."""
+    from transformers import BertConfig, BertForSequenceClassification
+    from weightcast.orchestrator.errors import WeightcastError
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=128, max_position_embeddings=64, num_labels=3)
+    BertForSequenceClassification(cfg).save_pretrained(str(tmp_path))
+    with pytest.raises(WeightcastError, match="(?s)classifier.*ignore_mismatched_sizes=True"):
+        _load(tmp_path, num_labels=5)
+    mine, info = _load(tmp_path, num_labels=5, ignore_mismatched_sizes=True, output_loading_info=True)
+    ref, ref_info = BertForSequenceClassification.from_pretrained(str(tmp_path), num_labels=5,
+                                                                  ignore_mismatched_sizes=True,
+                                                                  output_loading_info=True)
+    assert info == ref_info and {k[0] for k in info["mismatched_keys"]} == {"classifier.weight", "classifier.bias"}
+    assert mine.classifier.weight.shape == (5, 32) and torch.isfinite(mine.classifier.weight).all()
+    assert torch.equal(mine.classifier.bias, torch.zeros(5))
+    _assert_same_state(mine, ref, skip=("classifier.",))

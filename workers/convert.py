@@ -84,7 +84,8 @@ def map_checkpoint_keys(module: torch.nn.Module, keys: list[str],
 
 def load_into_model(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *,
                     key_mapping: Mapping[str, str] | None = None, dtype_plan: dict | None = None,
-                    progress: bool = False, match_dtypes: bool = True) -> Any:
+                    progress: bool = False, match_dtypes: bool = True,
+                    ignore_mismatched_sizes: bool = False) -> Any:
     """Fill the meta skeleton ``module`` (a transformers model) with ``tensors`` (checkpoint names,
     the tensors this rank holds) through transformers' ``convert_and_load_state_dict_in_model``;
     returns its ``LoadStateDictInfo``. Tensors keep their dtype (cast before, as the caller
@@ -102,7 +103,8 @@ def load_into_model(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *
     config = LoadStateDictConfig(dtype=None, dtype_plan=dict(dtype_plan or {}), weight_mapping=mapping)
     with _progress_bars(progress):
         info, _ = convert_and_load_state_dict_in_model(module, tensors, config)
-    raise_mismatched(info)
+    if not ignore_mismatched_sizes:
+        raise_mismatched(info)
     if info.conversion_errors:
         name, error = next(iter(info.conversion_errors.items()))
         raise ModelMismatchError("transformers' weight conversion failed", where=f"parameter {name}",
@@ -151,7 +153,8 @@ def raise_mismatched(info: Any) -> None:
         name, got, want = sorted(info.mismatched_keys, key=str)[0]
         raise ModelMismatchError("A checkpoint tensor does not fit the model", where=f"parameter {name}",
                                  expected=f"shape {tuple(want)}", got=f"shape {tuple(got)}",
-                                 fix="check that the checkpoint and config.json belong together")
+                                 fix="check that the checkpoint and config.json belong together (a new head "
+                                     "size: pass ignore_mismatched_sizes=True to initialise it anew)")
 
 
 def model_targets(request: Any, src: Any, names: list[str]) -> dict[str, str]:

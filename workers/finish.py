@@ -158,8 +158,8 @@ def _reset_missing(module: torch.nn.Module, owner: str, leaves: list[str], opts:
 
 def check_strict(info: LoadingInfo) -> None:
     """``strict=True``: the checkpoint must fill the model exactly (after ties and the model's
-    ignore patterns)."""
-    if info.missing_keys or info.unexpected_keys or info.mismatched_keys:
+    ignore patterns; mismatched shapes were refused before, unless ``ignore_mismatched_sizes``)."""
+    if info.missing_keys or info.unexpected_keys:
         missing, unexpected = sorted(info.missing_keys), sorted(info.unexpected_keys)
         raise ModelMismatchError("The checkpoint does not match the model",
                                  where=f"{len(missing)} missing, {len(unexpected)} unexpected keys",

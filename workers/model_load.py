@@ -19,6 +19,7 @@ from weightcast.workers.hf_model import cast_for_model, dtype_for, dtype_plan, l
 from weightcast.workers.materialize import build_skeleton, load_into, resolve_dtype
 
 LOADING_INFO_ATTR = "_weightcast_loading_info"
+IGNORE_MISMATCHED = "ignore_mismatched_sizes"  # from_pretrained's loading option, passed as a keyword
 
 
 def model_dtype(dtype: Any, payload: dict) -> torch.dtype | None:
@@ -40,13 +41,14 @@ def materialize_model(job: Any, payload: dict, tensors: dict[str, torch.Tensor],
     disk = payload.get("disk") or {}
     tensors, offloaded = split_offloaded(tensors, disk, rank)
     dtype = model_dtype(job.dtype, payload)
+    overrides = dict(getattr(job, "model_kwargs", None) or {})
+    ignore_mismatched = bool(overrides.pop(IGNORE_MISMATCHED, False))
     module = build_skeleton(job.model, payload.get("config"), job.trust_remote_code,
-                            root=payload.get("root"), source=job.source,
-                            overrides=getattr(job, "model_kwargs", None) or {}, dtype=dtype)
+                            root=payload.get("root"), source=job.source, overrides=overrides, dtype=dtype)
     check_kinds(module, tensors)
     plan = dtype_plan(module, dtype)
     targets = offload_targets(module, offloaded, getattr(job, "key_mapping", None))
-    info = _fill(module, cast_for_model(tensors, dtype, plan), job, plan)
+    info = _fill(module, cast_for_model(tensors, dtype, plan), job, plan, ignore_mismatched)
     base_owns = owns or (lambda name: True)
     opts = FinishOptions(dtype_of=lambda name: dtype_for(name, dtype, plan) or torch.get_default_dtype(),
                          device=torch.device("cpu"), seed=int(payload.get("init_seed", 0)), strict=job.strict,
@@ -107,21 +109,18 @@ def owns_of(dm: Any, rank: int) -> Callable[[str], bool]:
     return owns
 
 
-def _fill(module: torch.nn.Module, tensors: dict[str, torch.Tensor], job: Any, plan: dict) -> Any:
+def _fill(module: torch.nn.Module, tensors: dict[str, torch.Tensor], job: Any, plan: dict,
+          ignore_mismatched: bool = False) -> Any:
     """The checkpoint's tensors into the skeleton: through transformers' own key mapping for a
     transformers model (:func:`weightcast.workers.convert.load_into_model`), by name otherwise.
-    A tensor whose shape does not fit its parameter is refused, as from_pretrained refuses it."""
+    A tensor whose shape does not fit its parameter is refused, as from_pretrained refuses it,
+    unless ``ignore_mismatched_sizes=True`` (the parameter is then initialised like a missing one
+    and listed in ``mismatched_keys``)."""
     if not is_transformers_model(module):
         return load_into(module, tensors)
     from weightcast.workers.convert import load_into_model
-    info = load_into_model(module, tensors, key_mapping=getattr(job, "key_mapping", None), dtype_plan=plan,
-                           progress=False)
-    if info.mismatched_keys:
-        name, got, want = sorted(info.mismatched_keys, key=str)[0]
-        raise ModelMismatchError("A checkpoint tensor does not fit the model", where=f"parameter {name}",
-                                 expected=f"shape {tuple(want)}", got=f"shape {tuple(got)}",
-                                 fix="check that the checkpoint and config.json belong together")
-    return info
+    return load_into_model(module, tensors, key_mapping=getattr(job, "key_mapping", None), dtype_plan=plan,
+                           progress=False, ignore_mismatched_sizes=ignore_mismatched)
 
 
 def take_loading_info(model: Any) -> LoadingInfo | None:
