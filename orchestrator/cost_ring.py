@@ -5,8 +5,8 @@ Called by :func:`weightcast.orchestrator.cost.predict` for plans with ``hop`` it
 The workers (``workers/ring.py``) cut every hop into pieces and pass each pair's pieces in the
 order of :func:`weightcast.orchestrator.ring_order.due`; a rank posts its sends in that order,
 each as soon as its bytes are in: read by the sender (reads run in the order the ring first
-needs them, at the rank's share of storage) or received from upstream. The model walks every
-piece in that order; a piece of ``n`` bytes is posted at
+needs them, at the rank's share of storage, a few requests in flight) or received from
+upstream. The model walks every piece in that order; a piece of ``n`` bytes is posted at
 
     post = max(the sender's previous post, bytes ready)
 
@@ -23,6 +23,9 @@ from weightcast.orchestrator.planner import LoadPlan
 from weightcast.orchestrator.ring_order import PIECE_BYTES, due, first_hop_bases, pieces_of
 
 MAX_PIECES = 200_000  # coarser pieces beyond this (a model of a very large load stays quick)
+READ_LAG_BYTES = 3 * (2 << 20)  # a request completes after the ones in flight with it: the
+# workers keep 4 requests of 2 MiB in flight (workers/populate.py), so a byte is in about three
+# requests' worth of the rank's storage share after it started arriving
 
 
 def ring_ends(plan: LoadPlan, cluster: ClusterSpec, read_s: list[float],
@@ -41,7 +44,7 @@ def ring_ends(plan: LoadPlan, cluster: ClusterSpec, read_s: list[float],
     for key, src, dst, cid, off, n in _pieces(plan, base):
         if key[1] == 0:  # step 0: read by the sender
             rate = read_total[src] / read_s[src] if read_s[src] else float("inf")
-            ready = (key[0] - key[1] * PIECE_BYTES) / rate
+            ready = min(read_s[src], (key[0] + READ_LAG_BYTES) / rate)
         else:
             ready = arrived.get((cid, off), 0.0)
         posted[src] = max(posted[src], ready)

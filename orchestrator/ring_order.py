@@ -10,7 +10,7 @@ from collections import defaultdict
 
 from weightcast.orchestrator.planner import LoadPlan
 
-PIECE_BYTES = 8 << 20
+PIECE_BYTES = 4 << 20  # small: a piece waits for its last byte to be read before it moves on
 Piece = tuple[int, str, int, int]  # (chunk id, file, offset, length)
 
 

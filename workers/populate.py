@@ -28,6 +28,9 @@ from weightcast.workers.timeline import Timeline
 
 
 POPULATE_BYTES = 8 << 20
+READ_BYTES = 2 << 20  # requests into the scratch buffers (network filesystems, FUSE): with a few in
+# flight, a ring piece is ready about (threads x READ_BYTES) / the node's storage rate after its
+# bytes started arriving, so they are kept small; the kernel cuts FUSE reads at 1 MiB anyway
 PAGE = mmap.PAGESIZE
 MADV_POPULATE_READ = 22  # Linux >= 5.14
 LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs", "ramfs", "bcachefs"}
@@ -96,8 +99,8 @@ class Populate:
                 job = functools.partial(pool.reader.read_into, file, off, dest)
                 self._add(file, off, n, pool.run(self._timed(job, n)))
         else:
-            scratch = [torch.empty(POPULATE_BYTES, dtype=torch.uint8).numpy() for _ in range(4)]
-            for k, (file, off, n) in enumerate(segments(plan, rank, POPULATE_BYTES)):
+            scratch = [torch.empty(READ_BYTES, dtype=torch.uint8).numpy() for _ in range(4)]
+            for k, (file, off, n) in enumerate(segments(plan, rank, READ_BYTES)):
                 for a, b, mirrored in cut(self.mirror.get(file, []), off, n):
                     dest = (memoryview(self.area(file).numpy())[a:b] if mirrored and self.area
                             else memoryview(scratch[k % len(scratch)])[:b - a])  # discarded: sharing is fine
