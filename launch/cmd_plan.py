@@ -55,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--local-files-only", action="store_true", help="never touch the network")
     p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                    help="s3:// sources: a storage_options entry (e.g. endpoint_url=..., region_name=...)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accept a config.json that asks for remote code (as a load with trust_remote_code=True)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle weights (they have no plan)")
     p.set_defaults(func=run_plan)
 
 
@@ -103,37 +106,37 @@ def parse_max_memory(text: str | None) -> dict[Any, str] | None:
     return out
 
 
-def _transport(arg: str, cluster: Any) -> str:
-    if arg != "auto":
-        return arg
-    return "collective" if any(r.device.startswith("cuda") for r in cluster.ranks) \
-        else "node-shared"
-
-
 def make_plan(args: argparse.Namespace) -> dict[str, Any]:
-    """Resolve, index, place and plan; returns the pieces and the planning time."""
+    """The load's prepare step (:func:`weightcast.orchestrator.prepare.prepare`, the same a real
+    load runs on rank 0: it refuses what a load refuses) on the cluster the options describe;
+    returns the pieces and the planning time."""
     from weightcast.launch.cmd_load import parse_storage_options
     from weightcast.orchestrator.cluster import parse_bytes
-    from weightcast.orchestrator.device_map import build_device_map
-    from weightcast.orchestrator.planner import PlanOptions, plan_load
-    from weightcast.workers.s3 import resolve_and_index
-    source, index = resolve_and_index(args.source, storage_options=parse_storage_options(args.storage_option),
-                                      revision=args.revision, cache_dir=args.cache_dir,
-                                      local_files_only=True if args.local_files_only else None)
+    from weightcast.orchestrator.prepare import prepare_with_index
+    from weightcast.orchestrator.request import LoadRequest
+    from weightcast.workers.prepare_hooks import WorkerHooks
     cluster = build_cluster(args)
     max_memory = parse_max_memory(args.max_memory)
     if max_memory and "*" in max_memory:
         max_memory = {r: max_memory["*"] for r in range(cluster.world_size)}
-    dm = build_device_map(index, cluster, args.device_map, max_memory=max_memory,
-                          tp_size=args.tp_size, config=source.config)
-    options = PlanOptions(transport=_transport(args.transport, cluster),
+    request = LoadRequest(args.source, revision=args.revision, cache_dir=args.cache_dir,
+                          storage_options=parse_storage_options(getattr(args, "storage_option", None)),
+                          local_files_only=True if args.local_files_only else None,
+                          device_map=args.device_map, max_memory=max_memory, tp_size=args.tp_size,
+                          transport=args.transport, trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
+                          allow_pickle=bool(getattr(args, "allow_pickle", False)),
                           chunk_bytes=parse_bytes(args.chunk_size, where="--chunk-size"),
-                          bucket_bytes=parse_bytes(args.bucket_size, where="--bucket-size"),
-                          gap_bytes=parse_bytes(args.gap_size, where="--gap-size"))
+                          bucket_bytes=parse_bytes(args.bucket_size, where="--bucket-size"))
     start = time.perf_counter()
-    plan = plan_load(index, cluster, dm, options)
-    return {"index": index, "cluster": cluster, "device_map": dm, "plan": plan,
-            "plan_seconds": time.perf_counter() - start}
+    order, index = prepare_with_index(request, cluster, WorkerHooks(),
+                                      gap_bytes=parse_bytes(args.gap_size, where="--gap-size"))
+    seconds = time.perf_counter() - start
+    if order.plan is None:
+        raise ConfigError("A pickle checkpoint has no load plan", where=order.root,
+                          expected="safetensors weights", got=f"pickle files {list(order.files)[:4]}",
+                          fix="convert the checkpoint to safetensors (weightcast save) to plan its load")
+    return {"index": index, "cluster": cluster, "device_map": order.device_map, "plan": order.plan,
+            "order": order, "plan_seconds": seconds}
 
 
 def summary(made: dict[str, Any], simulate: bool) -> dict[str, Any]:

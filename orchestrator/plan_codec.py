@@ -8,6 +8,7 @@ rows, chunks, reads and transfers refer to by index; columns instead of objects.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING, Any
 
 from weightcast.orchestrator.errors import PlanError
 from weightcast.orchestrator.planner import (Chunk, FileStamp, LoadPlan, OwnedRow, OwnedTable, PlanOptions,
@@ -16,6 +17,9 @@ from weightcast.orchestrator.planner import (Chunk, FileStamp, LoadPlan, OwnedRo
 FORMAT = "weightcast-plan"
 VERSION = 1
 KINDS = ("broadcast", "send", "scatter", "hop")
+
+if TYPE_CHECKING:
+    from weightcast.orchestrator.order import LoadOrder
 
 
 def _runs(ranks: tuple[int, ...]) -> list[int]:
@@ -46,6 +50,16 @@ class _Table:
 
 
 def encode(plan: LoadPlan) -> bytes:
+    """The plan's compact JSON bytes."""
+    return _dumps(plan_doc(plan))
+
+
+def _dumps(doc: dict) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def plan_doc(plan: LoadPlan) -> dict:
+    """The plan as a JSON-able dict (what :func:`encode` writes)."""
     table = owned_table(plan)
     sets, tensors, files = _Table(), _Table(), _Table()
     for f in plan.files:
@@ -78,14 +92,20 @@ def encode(plan: LoadPlan) -> bytes:
         "owned": owned, "chunks": chunks, "reads": reads, "transfers": transfers,
         "checkpoint_bytes": plan.checkpoint_bytes, "needed_bytes": plan.needed_bytes,
     }
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return doc
 
 
 def decode(data: bytes) -> LoadPlan:
+    """Inverse of :func:`encode`."""
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise PlanError("the plan blob is not JSON", got=str(exc)[:200]) from None
+    return plan_from_doc(doc)
+
+
+def plan_from_doc(doc: Any) -> LoadPlan:
+    """Inverse of :func:`plan_doc`; a malformed document is a PlanError."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise PlanError("not a weightcast plan of this version",
                         expected=f"{FORMAT} version {VERSION}",
@@ -178,3 +198,41 @@ def _decode_transfers(doc: dict, sets: list[tuple[int, ...]]) -> tuple[TransferI
             items += [TransferItem(kind, src, sets[d], ids, b, s, r) for src, d, s, r in spec]
     items.sort(key=lambda t: (t.round, t.bucket, t.step))
     return tuple(items)
+
+
+# ---------------------------------------------------------------- the load order
+
+ORDER_FORMAT = "weightcast-order"
+_ORDER_FIELDS = ("kind", "root", "config", "transport", "load_id", "checkpoint_bytes", "files", "init_seed",
+                 "auto_dtype", "model_tp_size", "crc32", "disk", "targets")
+
+
+def encode_order(order: "LoadOrder") -> bytes:
+    """The bytes rank 0 broadcasts: the order's fields, its plan and device map in one JSON
+    document (encoded once; nothing nested is a string of JSON)."""
+    from weightcast.orchestrator.device_map import device_map_to_json
+    doc: dict[str, Any] = {"format": ORDER_FORMAT, "version": VERSION}
+    doc.update({name: getattr(order, name) for name in _ORDER_FIELDS})
+    doc["plan"] = plan_doc(order.plan) if order.plan is not None else None
+    doc["device_map"] = json.loads(device_map_to_json(order.device_map)) if order.device_map is not None else None
+    return _dumps(doc)
+
+
+def decode_order(data: bytes) -> "LoadOrder":
+    """Inverse of :func:`encode_order` (every rank, on the broadcast blob)."""
+    from weightcast.orchestrator.device_map import device_map_from_json
+    from weightcast.orchestrator.order import LoadOrder
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PlanError("the load order blob is not JSON", got=str(exc)[:200]) from None
+    if not isinstance(doc, dict) or doc.get("format") != ORDER_FORMAT or doc.get("version") != VERSION:
+        raise PlanError("not a weightcast load order of this version", expected=f"{ORDER_FORMAT} version {VERSION}",
+                        fix="use the same weightcast version on every rank")
+    fields = {name: doc.get(name) for name in _ORDER_FIELDS}
+    fields["files"] = tuple(fields["files"] or ())
+    for name in ("crc32", "disk"):
+        fields[name] = {k: tuple(v) for k, v in fields[name].items()} if fields[name] else None
+    plan = plan_from_doc(doc["plan"]) if doc.get("plan") is not None else None
+    dm = device_map_from_json(json.dumps(doc["device_map"])) if doc.get("device_map") is not None else None
+    return LoadOrder(plan=plan, device_map=dm, **fields)

@@ -151,7 +151,7 @@ def test_planned_reads_stay_in_data_regions_and_memory_is_checked(inputs, memory
     """Every read of any plan lies inside a file's data region; the pre-read memory check
     refuses a plan exactly when some rank would own more bytes than its memory."""
     from dataclasses import replace
-    from weightcast.workers.execute import _check_fits
+    from weightcast.orchestrator.prepare import check_fits as _check_fits
     index, cluster, dm, options = inputs
     try:
         plan = plan_load(index, cluster, dm, options)

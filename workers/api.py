@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from weightcast.orchestrator.errors import ConfigError
+from weightcast.orchestrator.plan_codec import decode_order
 from weightcast.orchestrator.request import LoadRequest
 from weightcast.workers import liveness
 from weightcast.workers.coordinator import coordinate, gather_facts
@@ -120,12 +121,12 @@ def _load(group: Group, request: LoadRequest) -> tuple[Any, dict | None]:
     if local is not None:
         facts["local_source"] = local
     all_facts = gather_facts(group, facts, error)
-    payload = coordinate(group, lambda: plan_on_rank0(request, all_facts, uuid.uuid4().hex[:12]))
+    order = decode_order(coordinate(group, lambda: plan_on_rank0(request, all_facts, uuid.uuid4().hex[:12])))
     if local is not None and "root" in local:
-        payload["root"], payload["local_stamps"] = local["root"], local["stamps"]
+        order = order.with_local_copy(local["root"], local["stamps"])
     clock.stop("plan")
-    result, stats, plan = execute_plan(group, request, payload, device, clock)
-    report = LoadReport(rank=group.rank, node=group.node, device=str(device), transport=payload["transport"])
+    result, stats, plan = execute_plan(group, request, order, device, clock)
+    report = LoadReport(rank=group.rank, node=group.node, device=str(device), transport=order.transport)
     report.read_bytes, report.recv_bytes, report.sent_bytes = stats.read_bytes, stats.recv_bytes, stats.sent_bytes
     report.cross_node_sent, report.cross_node_recv = stats.cross_node_sent, stats.cross_node_recv
     report.staged_bytes = stats.staged_bytes
@@ -141,7 +142,7 @@ def _load(group: Group, request: LoadRequest) -> tuple[Any, dict | None]:
         _touch(result)
         report.__dict__.update(memory_now())
     reports = gather_reports(group, report)
-    return result, summary(reports, payload["checkpoint_bytes"], max(r.seconds for r in reports))
+    return result, summary(reports, order.checkpoint_bytes, max(r.seconds for r in reports))
 
 
 def _touch(result: Any) -> None:

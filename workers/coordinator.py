@@ -63,13 +63,13 @@ def _encode_error(exc: BaseException, group: Group) -> bytes:
     return b"E" + pickle.dumps(err)
 
 
-def coordinate(group: Group, plan_fn: Callable[[], dict]) -> dict:
-    """Rank 0 runs ``plan_fn`` (resolve, index, device map, plan) and broadcasts its JSON-able
-    result or its exception; every rank returns the same dict or raises the same error."""
+def coordinate(group: Group, plan_fn: Callable[[], bytes]) -> bytes:
+    """Rank 0 runs ``plan_fn`` (the prepare step, returning the encoded order) and broadcasts
+    its bytes or its exception; every rank returns the same bytes or raises the same error."""
     blob = None
     if group.rank == 0:
         try:
-            blob = b"P" + json.dumps(plan_fn(), separators=(",", ":")).encode()
+            blob = b"P" + plan_fn()
         except BaseException as exc:  # noqa: BLE001 - every failure must reach every rank
             if isinstance(exc, KeyboardInterrupt) and group.world_size == 1:
                 raise
@@ -78,7 +78,7 @@ def coordinate(group: Group, plan_fn: Callable[[], dict]) -> dict:
     blob = broadcast_bytes(group, blob, what="the broadcast of the plan")
     if blob[:1] == b"E":
         raise pickle.loads(blob[1:])  # noqa: S301 - produced by rank 0 of this load
-    return json.loads(blob[1:])
+    return blob[1:]
 
 
 def sync_status(group: Group, phase: str, error: BaseException | None) -> None:

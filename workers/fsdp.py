@@ -17,17 +17,18 @@ from typing import Any
 
 import torch
 
-from weightcast.orchestrator.device_map import ClusterDeviceMap, Shard, device_map_from_json
+from weightcast.orchestrator.device_map import ClusterDeviceMap, Shard
 from weightcast.orchestrator.device_map_fsdp import fsdp_bounds
 from weightcast.orchestrator.errors import ModelMismatchError
+from weightcast.orchestrator.order import LoadOrder
 from weightcast.workers.materialize import build_skeleton, check_keys
 
 
-def materialize_fsdp(request: Any, payload: dict, tensors: dict[str, torch.Tensor], device: torch.device,
+def materialize_fsdp(request: Any, order: LoadOrder, tensors: dict[str, torch.Tensor], device: torch.device,
                      group: Any) -> torch.nn.Module:
     """This rank's FSDP2 model (collective over every rank of the load)."""
-    dm = device_map_from_json(payload["device_map"])
-    module = build_skeleton(request.model, payload.get("config"), request.trust_remote_code)
+    dm = order.device_map
+    module = build_skeleton(request.model, order.config, request.trust_remote_code)
     mesh = fsdp_mesh(shard_groups(dm), device)
     apply_fully_shard(module, mesh)
     state = _sharded_state(module, dm, tensors, device)

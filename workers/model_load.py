@@ -1,7 +1,7 @@
 """One rank's model from the tensors it received (every strategy but ``tp``).
 
 Steps, as ``from_pretrained`` takes them: the dtype (``"auto"``: config.json's, else the
-checkpoint's first floating tensor's, which rank 0 put in the payload); the skeleton on meta (a
+checkpoint's first floating tensor's, which rank 0 put in the order); the skeleton on meta (a
 transformers class, auto class, ``"auto"``, a factory or a module); the dtype plan
 (``_keep_in_fp32_modules``); the tensors cast and assigned; then :func:`finish_model` (missing
 keys initialised, ties, the report). Not collective.
@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from weightcast.orchestrator.errors import ModelMismatchError
+from weightcast.orchestrator.order import LoadOrder
 from weightcast.workers.convert import is_transformers_model
 from weightcast.workers.finish import FinishOptions, LoadingInfo, finish_model
 from weightcast.workers.hf_model import cast_for_model, dtype_for, dtype_plan, load_generation_config
@@ -22,43 +23,43 @@ LOADING_INFO_ATTR = "_weightcast_loading_info"
 IGNORE_MISMATCHED = "ignore_mismatched_sizes"  # from_pretrained's loading option, passed as a keyword
 
 
-def model_dtype(dtype: Any, payload: dict) -> torch.dtype | None:
+def model_dtype(dtype: Any, order: LoadOrder) -> torch.dtype | None:
     """The load's dtype: explicit, else (``"auto"``) config.json's, else the checkpoint's first
     floating dtype as ``from_pretrained`` derives it (None: keep each tensor's own)."""
-    resolved = resolve_dtype(dtype, payload.get("config"))
-    if resolved is None and dtype == "auto" and payload.get("auto_dtype"):
-        resolved = getattr(torch, payload["auto_dtype"])
+    resolved = resolve_dtype(dtype, order.config)
+    if resolved is None and dtype == "auto" and order.auto_dtype:
+        resolved = getattr(torch, order.auto_dtype)
     return resolved
 
 
-def materialize_model(job: Any, payload: dict, tensors: dict[str, torch.Tensor], device: torch.device,
+def materialize_model(job: Any, order: LoadOrder, tensors: dict[str, torch.Tensor], device: torch.device,
                       owns: Callable[[str], bool] | None = None, rank: int = 0) -> torch.nn.Module:
     """This rank's model filled with ``tensors`` (checkpoint names), finished as from_pretrained
     finishes it. The loading report rides on the module as ``_weightcast_loading_info`` until
     ``load_pretrained`` hands it out. ``owns(name)``: the missing keys this rank creates.
     Tensors the map puts on this rank's disk are dropped and offloaded (:mod:`workers.offload`)."""
     from weightcast.workers.offload import attach_offload, offload_targets, split_offloaded
-    disk = payload.get("disk") or {}
+    disk = order.disk or {}
     tensors, offloaded = split_offloaded(tensors, disk, rank)
-    dtype = model_dtype(job.dtype, payload)
+    dtype = model_dtype(job.dtype, order)
     overrides = dict(getattr(job, "model_kwargs", None) or {})
     ignore_mismatched = bool(overrides.pop(IGNORE_MISMATCHED, False))
-    module = build_skeleton(job.model, payload.get("config"), job.trust_remote_code,
-                            root=payload.get("root"), source=job.source, overrides=overrides, dtype=dtype)
+    module = build_skeleton(job.model, order.config, job.trust_remote_code,
+                            root=order.root, source=job.source, overrides=overrides, dtype=dtype)
     check_kinds(module, tensors)
     plan = dtype_plan(module, dtype)
     targets = offload_targets(module, offloaded, getattr(job, "key_mapping", None))
     info = _fill(module, cast_for_model(tensors, dtype, plan), job, plan, ignore_mismatched)
     base_owns = owns or (lambda name: True)
     opts = FinishOptions(dtype_of=lambda name: dtype_for(name, dtype, plan) or torch.get_default_dtype(),
-                         device=torch.device("cpu"), seed=int(payload.get("init_seed", 0)), strict=job.strict,
+                         device=torch.device("cpu"), seed=order.init_seed, strict=job.strict,
                          owns=lambda name: name not in targets and base_owns(name))
     finish_model(module, info, opts)
     if is_transformers_model(module):
-        load_generation_config(module, payload.get("root"))
+        load_generation_config(module, order.root)
     if device.type != "cpu":
         module.to(device)
-    attach_offload(module, targets, payload.get("root", ""), {k: v[0] for k, v in disk.items()},
+    attach_offload(module, targets, order.root, {k: v[0] for k, v in disk.items()},
                    lambda name: dtype_for(name, dtype, plan), device)
     module.eval()  # as from_pretrained returns it (dropout off)
     setattr(module, LOADING_INFO_ATTR, info)

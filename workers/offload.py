@@ -11,20 +11,11 @@ entry: such a placement is refused. Not collective: the owning rank offloads its
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from weightcast.orchestrator.errors import DeviceMapError
-
-
-def disk_placements(dm: Any, index: Any) -> dict[str, list]:
-    """Rank 0: ``{checkpoint tensor: [file, rank]}`` of every tensor the map puts on a disk."""
-    out: dict[str, list] = {}
-    for name, p in dm.placements.items():
-        if getattr(p, "device", None) == "disk":
-            out[name] = [index.tensor(name).file, p.rank]
-    return out
 
 
 def split_offloaded(tensors: dict[str, torch.Tensor], disk: dict[str, list],

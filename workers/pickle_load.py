@@ -13,6 +13,7 @@ import torch
 
 from weightcast.orchestrator.errors import CheckpointFormatError, ConfigError, PickleRefusedError
 from weightcast.orchestrator.request import LoadRequest
+from weightcast.orchestrator.order import LoadOrder
 
 
 def _load_one(path: str) -> dict:
@@ -25,18 +26,18 @@ def _load_one(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_pickle(payload: dict, request: LoadRequest, group: Any) -> dict[str, torch.Tensor]:
+def load_pickle(order: LoadOrder, request: LoadRequest, group: Any) -> dict[str, torch.Tensor]:
     """Every rank, pickle checkpoints: load every file (not collective)."""
     if not request.allow_pickle:
-        raise PickleRefusedError("Pickle weights are refused", where=payload["root"],
+        raise PickleRefusedError("Pickle weights are refused", where=order.root,
                                  fix="convert the checkpoint to safetensors, or pass allow_pickle=True")
     if request.device_map not in ("replicate", None):
         raise ConfigError("Pickle checkpoints load only with device_map='replicate'",
-                          where=payload["root"], got=repr(request.device_map),
+                          where=order.root, got=repr(request.device_map),
                           fix="convert the checkpoint to safetensors (weightcast save) for other device maps")
     out: dict[str, torch.Tensor] = {}
-    for name in payload["files"]:
-        path = os.path.join(payload["root"], name)
+    for name in order.files:
+        path = os.path.join(order.root, name)
         try:
             state = _load_one(path)
         except Exception as exc:  # noqa: BLE001 - any refusal of the safe unpickler

@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Protocol
 
 from weightcast.orchestrator.errors import StorageError, UnsafePathError
 from weightcast.orchestrator.planner import FileStamp
+from weightcast.orchestrator.prepare import CRC_PREFIX  # the checksums planning collects
 
 MAX_REQUEST = 16 << 20  # one preadv call reads at most this much
 
@@ -104,8 +105,6 @@ def check_stamp(path: str, st: os.stat_result, stamp: FileStamp | None) -> None:
                            fix="do not modify a checkpoint while it is loaded; run the load again")
 
 
-CRC_PREFIX = "weightcast.crc32."
-"""``__metadata__`` key prefix of a tensor's checksum: ``weightcast.crc32.<tensor>`` -> 8 hex digits."""
 
 
 def tensor_crc32(tensor) -> int:

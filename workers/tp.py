@@ -19,17 +19,18 @@ from typing import Any
 
 import torch
 
-from weightcast.orchestrator.device_map import ClusterDeviceMap, Shard, device_map_from_json, shard_bounds
+from weightcast.orchestrator.device_map import ClusterDeviceMap, Shard, shard_bounds
 from weightcast.orchestrator.errors import ModelMismatchError
 from weightcast.orchestrator.request import LoadRequest
+from weightcast.orchestrator.order import LoadOrder
 from weightcast.workers.materialize import build_skeleton, check_keys
 
 
-def materialize_tp(request: LoadRequest, payload: dict, tensors: dict[str, torch.Tensor], device: torch.device,
+def materialize_tp(request: LoadRequest, order: LoadOrder, tensors: dict[str, torch.Tensor], device: torch.device,
                    group: Any) -> torch.nn.Module:
     """This rank's tensor-parallel model (collective over every rank of the load)."""
-    dm = device_map_from_json(payload["device_map"])
-    module = build_skeleton(request.model, payload.get("config"), request.trust_remote_code, root=payload.get("root"),
+    dm = order.device_map
+    module = build_skeleton(request.model, order.config, request.trust_remote_code, root=order.root,
                             source=request.source, overrides=request.model_kwargs)
     tied = _tied_partners(module, dm)
     styles = module_styles(module, dm, tied)

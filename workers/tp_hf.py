@@ -22,6 +22,7 @@ import torch
 
 from weightcast.orchestrator.errors import ConfigError, ModelMismatchError
 from weightcast.orchestrator.key_mapping import KeyRule
+from weightcast.orchestrator.order import LoadOrder
 
 MODEL_TP_PLAN = (("<model>", "transformers"),)  # ClusterDeviceMap.tp_plan of a map from the model's plan
 
@@ -200,7 +201,7 @@ def plan_rules(job: Any, src: Any, shapes: Mapping[str, tuple[int, ...]],
     return key_rules(module, shapes, tp_size, cluster.world_size, job.key_mapping), tp_size
 
 
-def materialize_hf_tp(job: Any, payload: dict, tensors: dict[str, torch.Tensor], plan: Any, owned: tuple,
+def materialize_hf_tp(job: Any, order: LoadOrder, tensors: dict[str, torch.Tensor], plan: Any, owned: tuple,
                       group: Any) -> torch.nn.Module:
     """Every rank (collective: transformers builds its device meshes): this rank's part of the
     model, distributed by transformers with the model's own plan and filled with what it holds."""
@@ -208,10 +209,10 @@ def materialize_hf_tp(job: Any, payload: dict, tensors: dict[str, torch.Tensor],
     from weightcast.workers.convert import load_into_model, map_checkpoint_keys, match_meta_dtypes
     from weightcast.workers.hf_model import cast_for_model, dtype_plan
     from weightcast.workers.model_load import LOADING_INFO_ATTR, model_dtype
-    tp_size = int(payload["model_tp_size"])
+    tp_size = order.model_tp_size
     _check_world(tp_size, group.world_size)
-    dtype = model_dtype(job.dtype, payload)
-    module = _skeleton(job, payload.get("config"), payload.get("root"), dtype)
+    dtype = model_dtype(job.dtype, order)
+    module = _skeleton(job, order.config, order.root, dtype)
     fp32 = dtype_plan(module, dtype)
     rows = {r.name: (r.dtype, tuple(r.shape)) for r in owned_table(plan).rows}
     held = held_tensors(cast_for_model(tensors, dtype, fp32), rows, owned, dtype)
