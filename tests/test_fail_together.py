@@ -5,7 +5,8 @@ first read, or at its first data collective, with the process group created by w
 torchrun environment) and with one the user created first (default 30-minute timeout). Every
 survivor must raise a LoadError within ``timeout`` + a few seconds of the death (the measured
 delay is recorded as the junit property ``death_to_error_s``), and no process may remain.
-Exceptions (not deaths) on one rank become the same LoadError on every rank, naming that rank.
+Exceptions (not deaths) on one rank become the same error on every rank, naming that rank: the
+rank's own WeightcastError class (also a LoadError), or a LoadError for any other exception.
 Ranks are forked from a forkserver (tests/faults.py) so each run costs a fraction of a second;
 one test runs real interpreters through ``weightcast.launch.local.spawn`` and the node-shared transport.
 """
@@ -84,24 +85,26 @@ def test_killed_rank_fails_every_survivor(ckpt, tmp_path, where, group, record_p
 def test_exceptions_become_the_same_error_on_every_rank(ckpt, seq_ckpt):
     """One process group, several loads: each failure names the failing rank and its cause on
     every rank, identically; the group stays usable (the last load succeeds)."""
-    cases = [
-        ({"env": {"WC_FAULT": "raise@2:plan"}}, "during plan on rank 2", "RuntimeError: injected failure"),
-        ({"env": {"WC_FAULT": "interrupt@1:transfer"}}, "during transfer on rank 1", "KeyboardInterrupt"),
-        ({"env": {"WC_READ": "eio@1"}}, "during transfer on rank 1", "Input/output error"),
-        ({"env": {"WC_BAD_MODEL_RANK": "1"}, "load": {"source": seq_ckpt, "model": "seq"}},
+    cases = [  # a weightcast error keeps its class on every rank; anything else is a LoadError
+        ({"env": {"WC_FAULT": "raise@2:plan"}}, "LoadError", "during plan on rank 2", "RuntimeError: injected failure"),
+        ({"env": {"WC_FAULT": "interrupt@1:transfer"}}, "LoadError", "during transfer on rank 1", "KeyboardInterrupt"),
+        ({"env": {"WC_READ": "eio@1"}}, "StorageError", "during transfer on rank 1", "Input/output error"),
+        ({"env": {"WC_BAD_MODEL_RANK": "1"}, "load": {"source": seq_ckpt, "model": "seq"}}, "ModelMismatchError",
          "during materialize on rank 1", "ModelMismatchError: A checkpoint tensor does not fit the model"),
-        ({"load": {"dtype": "float7"}}, "during plan on rank 0 (and ranks [1, 2])", "ConfigError: Unknown dtype"),
-        ({"env": {"WC_FAULT": "interrupt@0:materialize"}}, "during materialize on rank 0", "KeyboardInterrupt"),
+        ({"load": {"dtype": "float7"}}, "ConfigError", "during plan on rank 0 (and ranks [1, 2])",
+         "ConfigError: Unknown dtype"),
+        ({"env": {"WC_FAULT": "interrupt@0:materialize"}}, "LoadError", "during materialize on rank 0",
+         "KeyboardInterrupt"),
     ]
-    args = {"load": _load_args(ckpt), "cases": [c for c, _, _ in cases] + [{}]}
+    args = {"load": _load_args(ckpt), "cases": [c for c, _, _, _ in cases] + [{}]}
     outs = faults.run_ranks(3, faults.sequence_scenario, args, user_group=True, timeout=120)
     assert [o.exitcode for o in outs] == [0, 0, 0], [o.error for o in outs]
-    for i, (_, head, cause) in enumerate(cases):
+    for i, (_, kind, head, cause) in enumerate(cases):
         got = [o.value[i] for o in outs]
-        assert all(g.get("type") == "LoadError" for g in got), got
+        assert all(g.get("type") == kind for g in got), got
         assert len({g["error"] for g in got}) == 1, got  # the same message on every rank
         assert head in got[0]["error"] and cause in got[0]["error"], got[0]["error"]
-        assert "Where: rank" in got[0]["error"] and "Fix:" in got[0]["error"]
+        assert "Where: " in got[0]["error"] and "Fix:" in got[0]["error"]
     assert all("value" in o.value[-1] for o in outs)  # the group survived every failure
     assert faults.stray_processes() == []
 

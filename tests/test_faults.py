@@ -149,7 +149,9 @@ def test_single_process_faults_keep_their_class(tmp_path, monkeypatch):
     with pytest.raises(Exception) as info:
         with inject(reader_factory=faults.reader_factory):
             load_pretrained(str(tmp_path), model=None, transport="collective")
-    assert type(info.value).__name__ == "LoadError"
+    from weightcast.orchestrator.errors import LoadError, StorageError
+    assert isinstance(info.value, StorageError) and isinstance(info.value, LoadError)
+    assert type(info.value).__name__ == "StorageError" and info.value.phase == "transfer" and info.value.rank == 0
     assert "StorageError: Reading a checkpoint file failed" in str(info.value)
     assert type(info.value.__cause__).__name__ == "StorageError"
 

@@ -38,8 +38,8 @@ NAME = "model.safetensors"
 
 @dataclass
 class Hostile:
-    """A built case: ``cls`` is what the load raises (``wrapped``: as the cause inside a
-    LoadError, for failures after planning); ``inspect`` is "error", "ok" (the files are valid,
+    """A built case: ``cls`` is what the load raises (``wrapped``: a failure after planning,
+    raised as that class made a LoadError too); ``inspect`` is "error", "ok" (the files are valid,
     only the load refuses) or None (catalogue cases: tests/test_cli_inspect.py checks inspect);
     ``inspect_needles`` what inspect's error names when it differs from the load's (inspect has
     no ``allow_pickle``: it refuses a pickle-only checkpoint before looking further)."""
@@ -345,11 +345,13 @@ def _load_kwargs(h: Hostile) -> dict:
 
 
 def check_error(exc: BaseException, h: Hostile, name: str) -> None:
-    """The error class (or, after planning, a LoadError naming it) and a message with file/tensor and fix."""
+    """The error class (after planning: that class made a LoadError too, naming the failing
+    rank) and a message with file/tensor and fix."""
     msg = str(exc)
     if h.wrapped:
-        assert type(exc) is LoadError, (name, type(exc), msg)
-        assert f"{h.cls.__name__}: " in msg, (name, msg)
+        assert isinstance(exc, h.cls) and isinstance(exc, LoadError), (name, type(exc), msg)
+        assert type(exc).__name__ == h.cls.__name__ and exc.cause == h.cls.__name__, (name, type(exc))
+        assert f"{h.cls.__name__}: " in msg and exc.rank == 0 and exc.phase, (name, msg)
     else:
         assert type(exc) is h.cls, (name, type(exc), msg)
     for needle in h.needles:
@@ -401,7 +403,7 @@ def test_every_rank_raises_the_same_error(built):
     for i, name in enumerate(names):
         h, got = built[name], [o.value[i] for o in outs]
         assert got[0].get("type") == got[1].get("type") and got[0].get("error") == got[1].get("error"), got
-        expected = "LoadError" if h.wrapped else h.cls.__name__
+        expected = h.cls.__name__  # after planning too: the class of the failing rank's error
         assert got[0].get("type") == expected, (name, got[0])
         for needle in h.needles:
             assert needle in got[0]["error"], (name, needle, got[0]["error"])

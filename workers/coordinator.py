@@ -3,29 +3,40 @@
 Every function here is collective over the load's :class:`~weightcast.workers.group.Group`: all
 ranks call it, in the same order. A failure on rank 0 while planning is broadcast instead of
 the plan, so every rank raises the same error (:func:`coordinate`); failures on any rank inside
-a phase are exchanged by :func:`sync_status`, so every rank raises, naming the failing rank, its
-host and the cause. A failing rank first drops the phase group
+a phase are exchanged by :func:`sync_status`, so every rank raises the failing rank's
+WeightcastError class (made a LoadError too, carrying that rank, its host and the phase), or a
+LoadError naming the rank, its host and the cause for any other exception. A failing rank first drops the phase group
 (:func:`weightcast.workers.process_group.abort_phase`) so peers blocked on it inside the phase
 fail at once. A peer that died or went silent past the timeout makes every collective here
 raise a LoadError too (:func:`weightcast.workers.collectives.guarded`).
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pickle
 import traceback
 from typing import Callable
 
-from weightcast.orchestrator.errors import LoadError, WeightcastError
+from weightcast.orchestrator.errors import LoadError, WeightcastError, peer_error
 from weightcast.workers.collectives import (all_gather_bytes, all_gather_on, broadcast_bytes, guarded,
                                             liveness_verdict)
 from weightcast.workers.group import Group
 
 
 def _error_info(group: Group, error: BaseException) -> dict:
+    """What a failing rank tells its peers: host, class, message, whether it is a consequence
+    of another rank's failure, and a WeightcastError itself (pickled, base64) so every rank can
+    raise its class."""
     msg = str(error) or ("interrupted (SIGINT)" if isinstance(error, KeyboardInterrupt) else "no message")
-    return {"node": group.node, "type": type(error).__name__, "msg": msg, "secondary": _from_collective(error)}
+    info = {"node": group.node, "type": type(error).__name__, "msg": msg, "secondary": _from_collective(error)}
+    if isinstance(error, WeightcastError) and not isinstance(error, LoadError):
+        try:
+            info["error"] = base64.b64encode(pickle.dumps(error)).decode()
+        except Exception:  # noqa: BLE001 - the class name and message still travel
+            pass
+    return info
 
 
 def _from_collective(error: BaseException) -> bool:
@@ -52,13 +63,18 @@ def gather_facts(group: Group, facts: dict, error: BaseException | None = None) 
 
 
 def _encode_error(exc: BaseException, group: Group) -> bytes:
+    """Rank 0's planning error as broadcast: a WeightcastError itself (with its rank, host and
+    phase set), anything else as a LoadError naming it."""
     if isinstance(exc, WeightcastError):
+        if exc.rank is None:
+            exc.rank, exc.host, exc.phase = group.rank, group.node, "plan"
         try:
             return b"E" + pickle.dumps(exc)
         except Exception:  # noqa: BLE001 - fall back to a LoadError carrying the message
             pass
     cause = f"{type(exc).__name__}: {exc}"
     err = LoadError("Planning the load failed", where=f"rank {group.rank} on host {group.node}",
+                    rank=group.rank, host=group.node, phase="plan", cause=type(exc).__name__,
                     got=cause, fix="see the cause; the traceback is in the log of that rank")
     return b"E" + pickle.dumps(err)
 
@@ -83,7 +99,7 @@ def coordinate(group: Group, plan_fn: Callable[[], bytes]) -> bytes:
 
 def sync_status(group: Group, phase: str, error: BaseException | None) -> None:
     """End of a phase: every rank reports ok or its error; if any rank failed, every rank
-    raises a LoadError naming the first failing rank, its host and its cause (collective).
+    raises the first failing rank's error (see :func:`_raise_failed`) (collective).
     A rank that cannot reach its peers raises a LoadError saying so (see :func:`guarded`)."""
     if error is not None and _from_collective(error):
         verdict = liveness_verdict(group)
@@ -98,14 +114,21 @@ def sync_status(group: Group, phase: str, error: BaseException | None) -> None:
 
 
 def _raise_failed(group: Group, phase: str, infos: list[dict | None], error: BaseException | None) -> None:
+    """Raise on this rank what the first failing rank (causes before consequences) raised: its
+    WeightcastError's class (:func:`~weightcast.orchestrator.errors.peer_error`), else a
+    LoadError naming the rank, its host and the cause; ``error`` (this rank's own) chained."""
     failed = [(r, info) for r, info in enumerate(infos) if info]
     if not failed:
         return
     causes = [(r, info) for r, info in failed if not info.get("secondary")] or failed
     rank, info = causes[0]
     others = f" (and ranks {[r for r, _ in causes[1:]]})" if len(causes) > 1 else ""
+    if info.get("error"):  # a WeightcastError: every rank raises its class, also a LoadError
+        original = pickle.loads(base64.b64decode(info["error"]))  # noqa: S301 - from a rank of this load
+        raise peer_error(original, rank=rank, host=info["node"], phase=phase, others=others) from error
     err = LoadError(f"The load failed during {phase} on rank {rank}{others}",
                     where=f"rank {rank} on host {info['node']}",
                     got=f"{info['type']}: {info['msg']}",
-                    fix="fix the cause on that rank and run the load again")
+                    fix="fix the cause on that rank and run the load again",
+                    rank=rank, host=info["node"], phase=phase, cause=info["type"])
     raise err from error
