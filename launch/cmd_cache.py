@@ -84,8 +84,9 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_repair(args: argparse.Namespace) -> int:
-    actions = doctor.repair_cache(args.source, cache_dir=_cache_dir(args), revision=args.revision,
-                                  chmod=args.chmod, dry_run=args.dry_run)
+    from weightcast.orchestrator.cache_repair import repair_cache
+    actions = repair_cache(args.source, cache_dir=_cache_dir(args), revision=args.revision,
+                           chmod=args.chmod, dry_run=args.dry_run)
     for line in actions or ["nothing to repair"]:
         print(line)
     return 2 if any(a.startswith(doctor.CANNOT) for a in actions) else 0

@@ -7,7 +7,8 @@ breaks it in known ways; this module names each one per file and undoes what can
 offline. Nothing here touches the network; no threads.
 
 Who calls what:
-- ``weightcast cache verify`` -> :func:`verify_cache`; ``weightcast cache repair`` -> :func:`repair_cache`.
+- ``weightcast cache verify`` -> :func:`verify_cache`; ``weightcast cache repair`` ->
+  :func:`weightcast.orchestrator.cache_repair.repair_cache`.
 - The loader (rank 0, or local rank 0 per node) calls :func:`check_snapshot_files` on the files it is
   about to parse, so a broken cache fails with a :class:`CacheError` naming the file, not a parse error.
 - With node-local storage, each node computes :func:`snapshot_facts` and the coordinator calls
@@ -333,21 +334,6 @@ def verify_cache(source: str, *, cache_dir: str | None = None, revision: str | N
     names = walk_snapshot(snap) if os.path.isdir(snap) else []
     files = tuple(_inspect_file(snap, name, modes, check_hash) for name in names)
     return CacheReport(repo_dir, revision, commit, files, refs, tuple(issues))
-
-
-def repair_cache(source: str, *, cache_dir: str | None = None, revision: str | None = None,
-                 chmod: bool = False, dry_run: bool = False) -> list[str]:
-    """Undo what offline repair can undo; return one line per action done (or, dry run, to do).
-
-    Plain copies become blobs + relative links (a hard link into blobs/, then an atomic swap of
-    the link in place of the copy; a copy identical byte for byte to an existing blob is swapped
-    for a link to it), links and text files whose blob is present are relinked, whitespace is
-    stripped from refs, modes opened with ``chmod``. Never loses content; idempotent. Lines
-    starting with ``cannot repair offline`` name what must be fetched again, with the command.
-    Any single process; no network. Implemented in :mod:`weightcast.orchestrator.cache_repair`.
-    """
-    from weightcast.orchestrator.cache_repair import repair
-    return repair(verify_cache(source, cache_dir=cache_dir, revision=revision), chmod=chmod, dry_run=dry_run)
 
 
 # --- checks used by the loader and the coordinator --------------------------------------------

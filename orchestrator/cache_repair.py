@@ -1,6 +1,6 @@
 """Offline repair of a Hugging Face cache, from what :func:`weightcast.orchestrator.cache_doctor.verify_cache` found.
 
-Called only through :func:`weightcast.orchestrator.cache_doctor.repair_cache` (``weightcast cache repair``).
+Called through :func:`repair_cache` (``weightcast cache repair``).
 Every change keeps the content: a plain copy is hard-linked into ``blobs/`` before a link is
 swapped in for it with one atomic rename; refs are rewritten through a temporary file and a rename.
 """
@@ -15,7 +15,7 @@ import shutil
 from weightcast.orchestrator.cache_doctor import (
     ABSOLUTE_LINK, CANNOT, COMMIT_RE, DANGLING_LINK, HASH_MISMATCH, LFS_POINTER, PLAIN_COPY,
     REF_NO_SNAPSHOT, REF_NOT_COMMIT, REF_WHITESPACE, TEXT_LINK, UNREADABLE, UNREADABLE_BY_OTHERS,
-    CacheReport, FileStatus, ModeCheck, RefStatus, digest, walk_snapshot)
+    CacheReport, FileStatus, ModeCheck, RefStatus, digest, verify_cache, walk_snapshot)
 
 # The LFS patterns of the .gitattributes the Hub writes into every new repo (used when the
 # snapshot has none); files over 10 MiB are LFS on the Hub whatever their name.
@@ -176,7 +176,7 @@ def _advice(report: CacheReport, refetch: list[str], chmod: bool) -> list[str]:
 
 
 def repair(report: CacheReport, *, chmod: bool = False, dry_run: bool = False) -> list[str]:
-    """Repair what ``report`` found (see :func:`weightcast.orchestrator.cache_doctor.repair_cache`)."""
+    """Repair what ``report`` found (see :func:`repair_cache`)."""
     actions = [a for r in report.refs for a in _repair_ref(report, r, dry_run)]
     if chmod:
         actions += _repair_modes(report, dry_run)
@@ -188,3 +188,17 @@ def repair(report: CacheReport, *, chmod: bool = False, dry_run: bool = False) -
     if chmod:
         actions += [a for a in _repair_modes(report, dry_run) if a not in actions]
     return actions + _advice(report, refetch, chmod)
+
+
+def repair_cache(source: str, *, cache_dir: str | None = None, revision: str | None = None,
+                 chmod: bool = False, dry_run: bool = False) -> list[str]:
+    """Undo what offline repair can undo; return one line per action done (or, dry run, to do).
+
+    Plain copies become blobs + relative links (a hard link into blobs/, then an atomic swap of
+    the link in place of the copy; a copy identical byte for byte to an existing blob is swapped
+    for a link to it), links and text files whose blob is present are relinked, whitespace is
+    stripped from refs, modes opened with ``chmod``. Never loses content; idempotent. Lines
+    starting with ``cannot repair offline`` name what must be fetched again, with the command.
+    Any single process; no network.
+    """
+    return repair(verify_cache(source, cache_dir=cache_dir, revision=revision), chmod=chmod, dry_run=dry_run)

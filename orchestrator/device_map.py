@@ -19,9 +19,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from weightcast.orchestrator.device_map_types import (ClusterDeviceMap, Place, Placement, Replicate,  # noqa: F401
+                                                      Shard, check_shardable, shard_bounds,
+                                                      short_names as _names)
 from weightcast.orchestrator.errors import DeviceMapError
 
 if TYPE_CHECKING:
@@ -32,65 +35,6 @@ AUTO_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 STRATEGIES = ("replicate", *AUTO_STRATEGIES, "tp", "fsdp")
 JSON_FORMAT = "weightcast.device_map"
 _DEVICE_RE = re.compile(r"cpu|disk|cuda:(0|[1-9][0-9]*)")
-
-
-@dataclass(frozen=True, slots=True)
-class Replicate:
-    ranks: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Shard:
-    dim: int
-    groups: tuple[tuple[int, ...], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Place:
-    rank: int
-    device: str = "cpu"
-
-
-Placement = Union[Replicate, Shard, Place]
-
-
-def shard_bounds(size: int, parts: int, index: int) -> tuple[int, int]:
-    """[start, stop) of chunk ``index`` of ``size`` rows split in ``parts`` like ``torch.chunk``
-    (chunks of ceil(size/parts); trailing chunks may be short or empty)."""
-    step = -(-size // parts) if parts else 0
-    start = min(size, index * step)
-    return start, min(size, start + step)
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterDeviceMap:
-    """Placement of every tensor of a checkpoint over the ranks of a cluster.
-
-    ``strategy`` records how it was made (``replicate``, ``auto``, ``balanced``, ``sequential``,
-    ``tp``, ``explicit``); ``tp_plan`` keeps the name-pattern plan a ``tp`` map was built from
-    (used to parallelize the model); ``devices`` is each rank's own device (its length is the
-    world size; empty when unknown); ``tied`` lists groups of tensor names kept on one rank (a
-    name may be absent from the checkpoint, e.g. ``lm_head.weight`` tied to the embeddings);
-    ``no_split`` the module prefixes kept whole by ``auto``.
-    """
-    placements: dict[str, Placement]
-    strategy: str = "explicit"
-    tp_plan: tuple[tuple[str, str], ...] = ()
-    devices: tuple[str, ...] = ()
-    tied: tuple[tuple[str, ...], ...] = ()
-    no_split: tuple[str, ...] = ()
-
-    @property
-    def world_size(self) -> int | None:
-        return len(self.devices) or None
-
-    def owners(self, name: str) -> tuple[int, ...]:
-        p = self.placements[name]
-        if isinstance(p, Replicate):
-            return p.ranks
-        if isinstance(p, Shard):
-            return tuple(r for g in p.groups for r in g)
-        return (p.rank,)
 
 
 # ---------------------------------------------------------------- building
@@ -171,11 +115,6 @@ def _from_file(index: "CheckpointIndex", cluster: "ClusterSpec", path: Any,
     return explicit_map(index, cluster, data, tied=tied)
 
 
-def _names(names: Sequence[str], limit: int = 20) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
-
-
 # ---------------------------------------------------------------- validation
 
 def validate_device_map(dm: ClusterDeviceMap, *, index: "CheckpointIndex | None" = None,
@@ -238,23 +177,6 @@ def _check_placement(name: str, p: Any, world: int | None, devices: Sequence[str
     if world is not None and max(ranks) >= world:
         raise DeviceMapError("A placement names a rank outside the cluster", where=where,
                              expected=f"ranks 0..{world - 1}", got=repr(p))
-
-
-def check_shardable(name: str, shape: Sequence[int], dim: int, parts: int) -> None:
-    """Raise unless splitting ``shape[dim]`` in ``parts`` like ``torch.chunk`` gives every part a
-    non-empty slice."""
-    if dim >= len(shape):
-        raise DeviceMapError(f"Cannot shard a {len(shape)}-d tensor along dim {dim}",
-                             where=f"tensor {name!r}", got=f"shape {list(shape)}",
-                             fix="replicate it, or shard a dimension it has")
-    size = shape[dim]
-    if shard_bounds(size, parts, parts - 1)[0] >= size:
-        sizes = [b - a for a, b in (shard_bounds(size, parts, i) for i in range(parts))]
-        raise DeviceMapError(
-            f"Splitting dim {dim} of {size} rows {parts} ways leaves some ranks an empty slice",
-            where=f"tensor {name!r}, shape {list(shape)}", got=f"torch.chunk sizes {sizes}",
-            expected="every rank of a shard group gets at least one row",
-            fix=f"use a tp size that divides {size}, or replicate this tensor in the tp plan")
 
 
 # ---------------------------------------------------------------- JSON

@@ -27,7 +27,7 @@ import fnmatch
 import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from weightcast.orchestrator.device_map import ClusterDeviceMap, Place
+from weightcast.orchestrator.device_map_types import ClusterDeviceMap, Place
 from weightcast.orchestrator.errors import DeviceMapError
 
 if TYPE_CHECKING:

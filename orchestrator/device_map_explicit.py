@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from weightcast.orchestrator.device_map import ClusterDeviceMap, Place, Placement, _names
+from weightcast.orchestrator.device_map_types import ClusterDeviceMap, Place, Placement, short_names as _names
 from weightcast.orchestrator.errors import DeviceMapError
 
 if TYPE_CHECKING:

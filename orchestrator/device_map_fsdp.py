@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from weightcast.orchestrator.device_map import ClusterDeviceMap, Placement, Replicate, Shard, shard_bounds
+from weightcast.orchestrator.device_map_types import ClusterDeviceMap, Placement, Replicate, Shard, shard_bounds
 
 if TYPE_CHECKING:
     from weightcast.orchestrator.checkpoint import CheckpointIndex

@@ -29,7 +29,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from weightcast.orchestrator.device_map import (ClusterDeviceMap, Placement, Replicate, Shard,
+from weightcast.orchestrator.device_map_types import (ClusterDeviceMap, Placement, Replicate, Shard,
                                      check_shardable)
 from weightcast.orchestrator.errors import DeviceMapError
 

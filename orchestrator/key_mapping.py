@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Mapping
 
-from weightcast.orchestrator.device_map import ClusterDeviceMap, Placement, Replicate, Shard, shard_bounds
+from weightcast.orchestrator.device_map_types import ClusterDeviceMap, Placement, Replicate, Shard, shard_bounds
 from weightcast.orchestrator.errors import DeviceMapError
 
 KINDS = ("replicate", "shard", "expert")

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from weightcast.orchestrator.device_map import ClusterDeviceMap
-from weightcast.orchestrator.planner import LoadPlan
+from weightcast.orchestrator.device_map_types import ClusterDeviceMap
+from weightcast.orchestrator.plan_types import LoadPlan
 
 
 @dataclass(frozen=True, slots=True)

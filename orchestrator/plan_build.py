@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from weightcast.orchestrator.checkpoint import CheckpointIndex, TensorEntry
 from weightcast.orchestrator.cluster import ClusterSpec
-from weightcast.orchestrator.device_map import ClusterDeviceMap, Place, Replicate, Shard, shard_bounds
+from weightcast.orchestrator.device_map_types import ClusterDeviceMap, Place, Replicate, Shard, shard_bounds
 from weightcast.orchestrator.errors import ConfigError, DeviceMapError, PlanError
-from weightcast.orchestrator.planner import Chunk, OwnedRow, PlanOptions, ReadItem
+from weightcast.orchestrator.plan_types import Chunk, OwnedRow, PlanOptions, ReadItem
 
 TRANSPORTS = ("collective", "node-shared")
 STORAGES = ("shared", "node-local")

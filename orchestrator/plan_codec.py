@@ -11,7 +11,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from weightcast.orchestrator.errors import PlanError
-from weightcast.orchestrator.planner import (Chunk, FileStamp, LoadPlan, OwnedRow, OwnedTable, PlanOptions,
+from weightcast.orchestrator.plan_types import (Chunk, FileStamp, LoadPlan, OwnedRow, OwnedTable, PlanOptions,
                                   ReadItem, TransferItem, owned_table)
 
 FORMAT = "weightcast-plan"

@@ -21,7 +21,7 @@ from bisect import bisect_left
 
 from weightcast.orchestrator.cluster import ClusterSpec
 from weightcast.orchestrator.plan_build import Needs
-from weightcast.orchestrator.planner import Chunk, PlanOptions, TransferItem
+from weightcast.orchestrator.plan_types import Chunk, PlanOptions, TransferItem
 
 RING_DEPTH = 4  # a small ring stream is cut into this many buckets (when its chunks allow)
 

@@ -23,7 +23,7 @@ from hfcache_factory import (HFCache, build_hf_cache, corrupt_blob, default_file
                              sha256_hex, tiny_safetensors, write_ref)
 from weightcast.launch.cli import main as cli
 from weightcast.orchestrator import cache_doctor as doctor
-from weightcast.orchestrator.cache_repair import repair
+from weightcast.orchestrator.cache_repair import repair, repair_cache
 from weightcast.orchestrator.errors import CacheError, CheckpointNotFoundError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,7 +101,7 @@ def test_healthy_cache_verifies_ok_through_api_and_cli(cache, capsys):
     assert [(r.name, r.status) for r in report.refs] == [("main", "ok")]
     code, out = verify_cli(capsys, cache, "--hash")
     assert code == 0 and "loadable: yes (2 files)" in out
-    assert doctor.repair_cache(cache.repo_id, cache_dir=cache.cache_dir, chmod=True) == []
+    assert repair_cache(cache.repo_id, cache_dir=cache.cache_dir, chmod=True) == []
     assert repair_cli(capsys, cache) == (0, "nothing to repair\n")
 
 
@@ -162,7 +162,7 @@ def test_plain_copy_in_a_subfolder_gets_a_deeper_relative_link(tmp_path):
     cache = build_hf_cache(str(tmp_path / "hub"), files=files)
     make_plain_copy(cache, "sub/extra.json")
     assert statuses(cache)["sub/extra.json"] == "plain-copy"
-    doctor.repair_cache(cache.repo_id, cache_dir=cache.cache_dir)
+    repair_cache(cache.repo_id, cache_dir=cache.cache_dir)
     assert os.readlink(cache.path("sub/extra.json")) == f"../../../blobs/{git_blob_sha1(extra)}"
     from huggingface_hub import hf_hub_download
     path = hf_hub_download(cache.repo_id, "sub/extra.json", cache_dir=cache.cache_dir, local_files_only=True)
@@ -174,7 +174,7 @@ def test_plain_copy_is_kept_when_a_blob_of_that_name_holds_other_bytes(cache):
     make_plain_copy(cache, MODEL, keep_blob=True)
     corrupt_blob(cache, MODEL)
     before = tree_state(cache.repo_dir)
-    actions = doctor.repair_cache(cache.repo_id, cache_dir=cache.cache_dir)
+    actions = repair_cache(cache.repo_id, cache_dir=cache.cache_dir)
     assert actions == [f"not changed: {MODEL}: blobs/{cache.blobs[MODEL]} exists with other content "
                        f"(see `verify --hash`)"]
     assert tree_state(cache.repo_dir) == before
@@ -409,7 +409,7 @@ def test_load_pretrained_after_repair_is_bit_exact(cache):
     make_plain_copy(cache, MODEL)
     make_text_link(cache, "config.json")
     write_ref(cache, "main", cache.commit + "\n")
-    doctor.repair_cache(cache.repo_id, cache_dir=cache.cache_dir)
+    repair_cache(cache.repo_id, cache_dir=cache.cache_dir)
     state = load_pretrained(cache.repo_id, cache_dir=cache.cache_dir, model=None, progress=False, timeout=60)
     _, expected = tiny_safetensors()
     assert state.keys() == expected.keys()
