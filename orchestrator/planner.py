@@ -46,7 +46,7 @@ from weightcast.orchestrator.plan_types import (Chunk, FileStamp, LoadPlan, Owne
 if TYPE_CHECKING:
     from weightcast.orchestrator.checkpoint import CheckpointIndex
     from weightcast.orchestrator.cluster import ClusterSpec
-    from weightcast.orchestrator.device_map import ClusterDeviceMap
+    from weightcast.orchestrator.device_map_types import ClusterDeviceMap
 
 
 # ---------------------------------------------------------------- entry points
