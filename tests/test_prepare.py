@@ -68,8 +68,9 @@ def test_remote_code_is_refused_by_plan_as_by_a_load(tmp_path, capsys):
     assert "auto_map" in str(plan) and "trust_remote_code=True" in str(plan)
     code, err = _plan_cli(capsys, str(d), "--nodes", "1", "--cpus-per-node", "2")
     assert code == 2 and "asks for remote code" in err and "Traceback" not in err
-    code, _ = _plan_cli(capsys, str(d), "--nodes", "1", "--cpus-per-node", "2", "--trust-remote-code", "--json")
-    assert code == 0
+    code, _ = _plan_cli(capsys, str(d), "--nodes", "1", "--cpus-per-node", "2", "--device-map", "replicate",
+                        "--trust-remote-code", "--json")
+    assert code == 0  # trusted: planned (a replicated map needs no model, so no code runs)
     assert not (tmp_path / "REMOTE_CODE_RAN").exists()
 
 
