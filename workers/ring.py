@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from weightcast.orchestrator.planner import LoadPlan
 from weightcast.orchestrator.ring_order import Piece, due, first_hop_bases, pieces_of
-from weightcast.workers.coordinator import Group
+from weightcast.workers.group import Group
 from weightcast.workers.timeline import Timeline
 from weightcast.workers.transfer import TransferStats
 
