@@ -32,6 +32,7 @@ _EXPORTS = {
     "load_pretrained": "weightcast.workers.api",
     "save_pretrained": "weightcast.workers.save",
     "checksum_metadata": "weightcast.workers.reader",
+    "load_training_state": "weightcast.workers.training_state",
     "load_on_ray": "weightcast.launch.ray",
     # inspection
     "load_index": "weightcast.orchestrator.checkpoint",
