@@ -265,3 +265,29 @@ def resume_or_error(args: dict) -> dict:
     out["opt_steps"] = sorted({float(st["step"]) for st in opt.state.values()})
     out["rng_kept"] = bool(torch.equal(torch.get_rng_state(), rng_before))
     return out
+
+
+def resume_and_save(args: dict) -> dict:
+    """Resume the Trainer checkpoint (DDP or FSDP2), save it again with save_training_state; the
+    caller compares the files. ``kill_rank`` dies (SIGKILL) while writing the optimizer file."""
+    import os
+    import signal
+
+    from weightcast.workers.training_save import save_training_state
+    from weightcast.workers.training_state import load_training_state
+    ckpt = args["checkpoint"]
+    if args.get("fsdp"):
+        from weightcast.workers.api import load_pretrained
+        model = load_pretrained(ckpt, device_map="fsdp", timeout=60)
+    else:
+        from tests.trainer_run import tiny_model
+        model = tiny_model()
+    opt, sched = _optimizer_and_scheduler(model)
+    state = load_training_state(ckpt, model, opt, sched, timeout=60)
+    kill = args.get("kill_rank")
+
+    def hook(phase: str, rank: int) -> None:
+        if phase == "optimizer" and rank == kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+    save_training_state(args["out"], model, opt, sched, trainer_state=state, timeout=30, _fault_hook=hook)
+    return {"ok": True}

@@ -33,6 +33,8 @@ _EXPORTS = {
     "save_pretrained": "weightcast.workers.save",
     "checksum_metadata": "weightcast.workers.reader",
     "load_training_state": "weightcast.workers.training_state",
+    "save_training_state": "weightcast.workers.training_save",
+    "WeightcastTrainer": "weightcast.launch.trainer",
     "load_on_ray": "weightcast.launch.ray",
     # inspection
     "load_index": "weightcast.orchestrator.checkpoint",

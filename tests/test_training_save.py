@@ -1,0 +1,72 @@
+"""``save_training_state`` from 2 ranks (DDP and FSDP2): the Trainer layout, files equal to what
+Trainer wrote, Trainer resumes from it; a rank killed mid-save leaves the previous checkpoint."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import zipfile
+
+import pytest
+import torch
+
+from tests.test_torchrun import torchrun
+from tests.test_training_state import SCRIPT, checkpoint  # noqa: F401 - the module-scoped Trainer run
+from weightcast.launch.local import spawn
+
+pytestmark = pytest.mark.timeout(400)
+
+
+def _same_state(saved_dir: str, original: str) -> None:
+    from safetensors.torch import load_file
+    a = torch.load(os.path.join(saved_dir, "optimizer.pt"), weights_only=True)
+    b = torch.load(os.path.join(original, "optimizer.pt"), weights_only=True)
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for i, st in b["state"].items():
+        for k, v in st.items():
+            assert a["state"][i][k].dtype == v.dtype and torch.equal(a["state"][i][k], v), (i, k)
+    assert zipfile.ZipFile(os.path.join(saved_dir, "optimizer.pt")).testzip() is None  # CRC-32 of every member
+    w1, w2 = load_file(os.path.join(saved_dir, "model.safetensors")), load_file(os.path.join(original, "model.safetensors"))
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w2)
+    assert torch.load(os.path.join(saved_dir, "scheduler.pt"), weights_only=True) == \
+        torch.load(os.path.join(original, "scheduler.pt"), weights_only=True)
+    state = json.load(open(os.path.join(saved_dir, "trainer_state.json")))
+    assert state["global_step"] == 2
+    assert {"rng_state_0.pth", "rng_state_1.pth", "config.json"} <= set(os.listdir(saved_dir))
+
+
+def test_save_from_ddp_then_trainer_resumes(checkpoint, tmp_path) -> None:  # noqa: F811
+    out = str(tmp_path / "saved")
+    spawn(2, "tests.training_jobs:resume_and_save", {"checkpoint": checkpoint, "out": out}, timeout=200)
+    _same_state(out, checkpoint)
+    run = tmp_path / "resumed"
+    proc = torchrun([SCRIPT, "resume", str(run), out], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    original = json.load(open(os.path.join(os.path.dirname(checkpoint), "losses_0.json")))["losses"]
+    assert json.load(open(run / "losses_0.json"))["losses"]["3"] == original["3"]
+
+
+def test_save_from_fsdp_writes_the_full_state(checkpoint, tmp_path) -> None:  # noqa: F811
+    """Each rank writes its rows of every sharded state into one optimizer.pt (no gather)."""
+    out = str(tmp_path / "saved")
+    spawn(2, "tests.training_jobs:resume_and_save", {"checkpoint": checkpoint, "out": out, "fsdp": True},
+          timeout=250)
+    _same_state(out, checkpoint)
+
+
+def _digest(directory: str) -> dict[str, str]:
+    return {n: hashlib.sha256(open(os.path.join(directory, n), "rb").read()).hexdigest()
+            for n in sorted(os.listdir(directory))}
+
+
+def test_rank_killed_mid_save_keeps_previous_checkpoint(checkpoint, tmp_path) -> None:  # noqa: F811
+    out = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, out)
+    before = _digest(str(out))
+    results = spawn(2, "tests.training_jobs:resume_and_save",
+                    {"checkpoint": checkpoint, "out": str(out), "kill_rank": 1}, timeout=200, check=False, grace=90)
+    assert results[1].returncode != 0 and results[0].returncode != 0
+    assert results[0].value is not None and "error" in results[0].value, results[0].stderr[-2000:]
+    assert _digest(str(out)) == before
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]  # the staging directory was removed
