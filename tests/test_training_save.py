@@ -70,3 +70,23 @@ def test_rank_killed_mid_save_keeps_previous_checkpoint(checkpoint, tmp_path) ->
     assert results[0].value is not None and "error" in results[0].value, results[0].stderr[-2000:]
     assert _digest(str(out)) == before
     assert sorted(os.listdir(tmp_path)) == ["checkpoint"]  # the staging directory was removed
+
+
+def _steps(stdout: str) -> dict[int, str]:
+    return {int(line.split()[1]): line.split()[3] for line in stdout.splitlines() if line.startswith("step ")}
+
+
+def test_example_fsdp_loop_resumes_where_it_stopped(tmp_path) -> None:
+    """examples/torchrun_fsdp_train.py: 4 steps saving at 2 and 4; resumed from checkpoint-2, steps 3
+    and 4 have the uninterrupted run's losses (printed to 6 decimals)."""
+    from tests.ckpt_factory import save_tiny_llama
+    save_tiny_llama(tmp_path / "llama", tied=False)
+    example = os.path.join("examples", "torchrun_fsdp_train.py")
+    first = torchrun([example, str(tmp_path / "llama"), str(tmp_path / "run"), "--steps", "4"], timeout=300)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert {"checkpoint-2", "checkpoint-4"} <= set(os.listdir(tmp_path / "run"))
+    again = torchrun([example, str(tmp_path / "llama"), str(tmp_path / "again"), "--steps", "4",
+                      "--resume", str(tmp_path / "run" / "checkpoint-2")], timeout=300)
+    assert again.returncode == 0, again.stderr[-4000:]
+    full, resumed = _steps(first.stdout), _steps(again.stdout)
+    assert sorted(resumed) == [3, 4] and all(resumed[s] == full[s] for s in (3, 4)), (full, resumed)

@@ -130,3 +130,34 @@ def test_broken_checkpoint_fails_on_every_rank_untouched(checkpoint, tmp_path, d
     for r in results:
         assert r.value["error"] == expected, r.value
         assert r.value["untouched"], r.rank
+
+
+def test_accelerate_save_state_layout(tmp_path) -> None:
+    """accelerate's save_state (optimizer.bin, scheduler.bin, random_states_0.pkl) resumes in one
+    process: states bit-identical to torch.load of the files, RNG restored."""
+    import random
+
+    from accelerate import Accelerator
+    from tests.trainer_run import tiny_model
+    from weightcast.workers.training_state import load_training_state
+
+    def objects():
+        model = tiny_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    acc = Accelerator(cpu=True)
+    model, opt, sched = acc.prepare(*objects())
+    ids = torch.randint(0, 255, (2, 8))
+    acc.backward(model(input_ids=ids, labels=ids).loss)
+    opt.step()
+    sched.step()
+    acc.save_state(str(tmp_path / "acc"))
+    torch.manual_seed(123)
+    model, opt, sched = objects()
+    load_training_state(str(tmp_path / "acc"), model, opt, sched, timeout=60)
+    saved = torch.load(tmp_path / "acc" / "optimizer.bin", weights_only=True)
+    assert all(torch.equal(opt.state_dict()["state"][i][k], v) for i, st in saved["state"].items()
+               for k, v in st.items())
+    assert sched.state_dict() == torch.load(tmp_path / "acc" / "scheduler.bin", weights_only=True)
+    rng = torch.load(tmp_path / "acc" / "random_states_0.pkl", weights_only=False)  # written by this test
+    assert torch.equal(torch.get_rng_state(), rng["torch_manual_seed"]) and random.getstate() == rng["random_state"]
