@@ -66,10 +66,7 @@ def save_training_state(checkpoint_dir: str | os.PathLike, model: torch.nn.Modul
 
 def _staging_name(out: str) -> str:
     parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        from weightcast.orchestrator.errors import ConfigError
-        raise ConfigError("The checkpoint's parent directory does not exist", where=parent,
-                          fix="create it first (every rank must see it: a shared file system)")
+    os.makedirs(parent, exist_ok=True)  # as Trainer creates its output_dir
     return os.path.join(parent, f".{os.path.basename(out)}.wc-{uuid.uuid4().hex[:12]}")
 
 
