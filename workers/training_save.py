@@ -34,7 +34,10 @@ import torch
 
 from weightcast.orchestrator.torch_zip_write import (MemberLayout, StorageSpec, central_directory,
                                                      combine_segments, local_header, state_pickle, zip_layout)
-from weightcast.workers.coordinator import Group, all_gather_bytes, coordinate, setup_group, sync_status, teardown_group
+from weightcast.workers.collectives import all_gather_bytes
+from weightcast.workers.coordinator import coordinate, sync_status
+from weightcast.workers.group import Group
+from weightcast.workers.process_group import setup_group, teardown_group
 
 Hook = Callable[[str, int], None]
 ARCHIVE = "optimizer"

@@ -36,7 +36,9 @@ from typing import Any
 import torch
 
 from weightcast.orchestrator.errors import CheckpointNotFoundError, ConfigError
-from weightcast.workers.coordinator import Group, coordinate, gather_facts, setup_group, sync_status, teardown_group
+from weightcast.workers.coordinator import coordinate, gather_facts, sync_status
+from weightcast.workers.group import Group
+from weightcast.workers.process_group import setup_group, teardown_group
 from weightcast.workers.training_files import apply_rng, find_files, load_small_files
 
 RNG_POLICIES = ("restore", "skip")
@@ -114,7 +116,7 @@ def _resume(group: Group, checkpoint_dir: str, model: Any, loaded: dict | None, 
 
 def _gather_stats(group: Group, stats: dict) -> list[dict]:
     """Every rank's optimizer byte counts, in rank order (collective)."""
-    from weightcast.workers.coordinator import all_gather_bytes
+    from weightcast.workers.collectives import all_gather_bytes
     return [json.loads(b) for b in all_gather_bytes(group, json.dumps(stats).encode(), "the report")]
 
 
@@ -187,7 +189,8 @@ def _move_optimizer(group: Group, payload: dict, device: torch.device, threads: 
     reader = FileReader(opt["root"], plan.files)
     try:
         if opt["transport"] == "node-shared":
-            from weightcast.workers.staging import remove_areas, run_node_shared
+            from weightcast.workers.staging import run_node_shared
+            from weightcast.workers.staging_areas import remove_areas
             try:
                 tensors, stats = run_node_shared(group, plan, opt["root"], reader, opt["load_id"], threads, False)
             except BaseException:
