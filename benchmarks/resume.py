@@ -41,14 +41,27 @@ def make_checkpoint(path: str, hidden: int, layers: int) -> dict:
     torch.save(opt.state_dict(), os.path.join(path, "optimizer.pt"))
     torch.save(sched.state_dict(), os.path.join(path, "scheduler.pt"))
     from weightcast.workers.training_save import rng_states
-    for r in range(8):
-        torch.save(rng_states(), os.path.join(path, f"rng_state_{r}.pth"))
+    torch.save(rng_states(), os.path.join(path, "rng_state_0.pth"))
     json.dump({"global_step": 1}, open(os.path.join(path, "trainer_state.json"), "w"))
     info = {"weights_bytes": os.path.getsize(os.path.join(path, "model.safetensors")),
             "optimizer_bytes": os.path.getsize(os.path.join(path, "optimizer.pt")),
             "params": sum(p.numel() for p in model.parameters())}
     json.dump(info, open(os.path.join(path, "bench.json"), "w"))
     return info
+
+
+def for_ranks(path: str, n: int) -> str:
+    """The checkpoint as N ranks saved it: the same files (hard links), one RNG file per rank."""
+    out = f"{path}-n{n}"
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(path):
+        if name != "bench.json" and not os.path.exists(os.path.join(out, name)) and not name.startswith("rng_"):
+            os.link(os.path.join(path, name), os.path.join(out, name))
+    for r in range(n):
+        dest = os.path.join(out, f"rng_state_{r}.pth")
+        if not os.path.exists(dest):
+            os.link(os.path.join(path, "rng_state_0.pth"), dest)
+    return out
 
 
 def optimizer_for(model: torch.nn.Module):
@@ -134,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| N | loader | time s (min / median) | summed PSS GB | summed private GB | storage bytes |")
     print("|---|---|---|---|---|---|")
     for n in args.nprocs:
+        ckpt = for_ranks(path, n)
         for mode in ("trainer", "weightcast"):
-            runs = [trial(path, mode, n) for _ in range(args.repeats)]
+            runs = [trial(ckpt, mode, n) for _ in range(args.repeats)]
             times = [r["seconds"] for r in runs]
             storage = runs[0].get("storage", n * total)
             print(f"| {n} | {mode} | {min(times):.2f} / {statistics.median(times):.2f} | "

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.test_torchrun import torchrun
-from tests.test_training_state import SCRIPT, checkpoint  # noqa: F401 - the module-scoped Trainer run
+from tests.test_training_state import SCRIPT
 from weightcast.launch.local import spawn
 
 pytestmark = pytest.mark.timeout(400)
@@ -36,7 +36,8 @@ def _same_state(saved_dir: str, original: str) -> None:
     assert {"rng_state_0.pth", "rng_state_1.pth", "config.json"} <= set(os.listdir(saved_dir))
 
 
-def test_save_from_ddp_then_trainer_resumes(checkpoint, tmp_path) -> None:  # noqa: F811
+def test_save_from_ddp_then_trainer_resumes(trainer_checkpoint, tmp_path) -> None:
+    checkpoint = trainer_checkpoint
     out = str(tmp_path / "saved")
     spawn(2, "tests.training_jobs:resume_and_save", {"checkpoint": checkpoint, "out": out}, timeout=200)
     _same_state(out, checkpoint)
@@ -47,8 +48,9 @@ def test_save_from_ddp_then_trainer_resumes(checkpoint, tmp_path) -> None:  # no
     assert json.load(open(run / "losses_0.json"))["losses"]["3"] == original["3"]
 
 
-def test_save_from_fsdp_writes_the_full_state(checkpoint, tmp_path) -> None:  # noqa: F811
+def test_save_from_fsdp_writes_the_full_state(trainer_checkpoint, tmp_path) -> None:
     """Each rank writes its rows of every sharded state into one optimizer.pt (no gather)."""
+    checkpoint = trainer_checkpoint
     out = str(tmp_path / "saved")
     spawn(2, "tests.training_jobs:resume_and_save", {"checkpoint": checkpoint, "out": out, "fsdp": True},
           timeout=250)
@@ -60,7 +62,8 @@ def _digest(directory: str) -> dict[str, str]:
             for n in sorted(os.listdir(directory))}
 
 
-def test_rank_killed_mid_save_keeps_previous_checkpoint(checkpoint, tmp_path) -> None:  # noqa: F811
+def test_rank_killed_mid_save_keeps_previous_checkpoint(trainer_checkpoint, tmp_path) -> None:
+    checkpoint = trainer_checkpoint
     out = tmp_path / "checkpoint"
     shutil.copytree(checkpoint, out)
     before = _digest(str(out))

@@ -17,16 +17,10 @@ pytestmark = pytest.mark.timeout(400)
 SCRIPT = os.path.join("tests", "trainer_run.py")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    """checkpoint-2 of a 3-step Trainer run on 2 ranks (save_steps=2), made once per module."""
-    out = tmp_path_factory.mktemp("trainer")
-    proc = torchrun([SCRIPT, "train", str(out)], timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    path = out / "checkpoint-2"
-    assert {"optimizer.pt", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth", "model.safetensors",
-            "trainer_state.json"} <= set(os.listdir(path))
-    return str(path)
+@pytest.fixture
+def checkpoint(trainer_checkpoint: str) -> str:
+    """The session's Trainer checkpoint-2 (tests/conftest.py)."""
+    return trainer_checkpoint
 
 
 def _copy(checkpoint: str, tmp_path, name: str) -> str:

@@ -81,9 +81,10 @@ def _load_weights(checkpoint_dir: str, model: torch.nn.Module, transport: str, t
     from weightcast.workers.api import load_pretrained
     from weightcast.workers.training_apply import is_fsdp
     device_map = "fsdp" if is_fsdp(model) else "replicate"
-    return load_pretrained(checkpoint_dir, model=None, device_map=device_map, dtype=None, transport=transport,
-                           timeout=timeout, threads=threads, progress=False, return_report=True,
-                           report_memory=False)
+    with torch.random.fork_rng(devices=[]):  # the load draws an init seed on rank 0: keep the job's RNG
+        return load_pretrained(checkpoint_dir, model=None, device_map=device_map, dtype=None, transport=transport,
+                               timeout=timeout, threads=threads, progress=False, return_report=True,
+                               report_memory=False)
 
 
 def _resume(group: Group, checkpoint_dir: str, model: Any, loaded: dict | None, optimizer: Any,
