@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 
 from weightcast.orchestrator.device_map_types import ClusterDeviceMap, Placement, Replicate, Shard, shard_bounds
-from weightcast.orchestrator.errors import DeviceMapError
+from weightcast.orchestrator.errors import ConfigError, DeviceMapError
 
 KINDS = ("replicate", "shard", "expert")
 
@@ -92,3 +92,15 @@ def renamed_map(dm: ClusterDeviceMap, targets: Mapping[str, str]) -> ClusterDevi
         placements.setdefault(targets.get(name, name), p)
     tied = tuple(tuple(dict.fromkeys(targets.get(n, n) for n in group)) for group in dm.tied)
     return replace(dm, placements=placements, tied=tuple(g for g in tied if len(g) > 1))
+
+
+def refuse_converted_fsdp(targets: Mapping[str, str]) -> None:
+    """``device_map="fsdp"``: FSDP2 rows are cut from tensors named as the parameters; a checkpoint
+    whose keys transformers renames or converts (``targets``: per-expert MoE tensors, a base-model
+    prefix) is refused at planning, before any byte is read. Pure."""
+    if targets:
+        key, target = next(iter(sorted(targets.items())))
+        raise ConfigError("device_map='fsdp' needs checkpoint keys named as the model's parameters",
+                          where=f"{len(targets)} checkpoint keys", got=f"{key!r} loads into {target!r}",
+                          expected="no renamed or converted keys",
+                          fix="load this checkpoint with device_map='replicate', 'tp' or 'auto'")

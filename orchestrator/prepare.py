@@ -158,9 +158,14 @@ def _plan_order(request: LoadRequest, cluster: ClusterSpec, hooks: ModelHooks, s
 
 def _targets(request: LoadRequest, hooks: ModelHooks, src: Any, index: Any, dm: Any) -> dict[str, str] | None:
     """A model spread over ranks: which parameter each renamed checkpoint key loads into."""
-    if dm.strategy in ("replicate", "tp", "fsdp"):
+    if dm.strategy in ("replicate", "tp"):
         return None
-    return hooks.model_targets(request, src, list(index.names)) or None
+    targets = hooks.model_targets(request, src, list(index.names))
+    if dm.strategy == "fsdp":
+        from weightcast.orchestrator.key_mapping import refuse_converted_fsdp
+        refuse_converted_fsdp(targets)
+        return None
+    return targets or None
 
 
 def disk_placements(dm: Any, index: Any) -> dict[str, tuple[str, int]]:

@@ -150,3 +150,10 @@ def test_experts_that_do_not_split_evenly_are_refused_before_reading(tmp_path) -
     shapes = {t.name: tuple(t.shape) for t in load_index(str(tmp_path)).tensors}
     with pytest.raises(ConfigError, match="experts do not split evenly"):
         key_rules(model, shapes, 3, 3)
+
+
+def test_fsdp_refuses_converted_keys_before_reading(tmp_path) -> None:
+    from weightcast.orchestrator.errors import ConfigError
+    save_zoo_model(tmp_path, "mixtral")
+    with pytest.raises(ConfigError, match="named as the model.s parameters"):
+        _load(tmp_path, model="auto", device_map="fsdp")
