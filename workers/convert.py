@@ -170,4 +170,3 @@ def model_targets(request: Any, src: Any, names: list[str]) -> dict[str, str]:
         return {}
     mapped = map_checkpoint_keys(module, names, request.key_mapping)
     return {key: target for key, (target, _) in mapped.items() if target != key}
-
