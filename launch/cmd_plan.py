@@ -109,7 +109,8 @@ def parse_max_memory(text: str | None) -> dict[Any, str] | None:
 def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     """The load's prepare step (:func:`weightcast.orchestrator.prepare.prepare`, the same a real
     load runs on rank 0: it refuses what a load refuses) on the cluster the options describe;
-    returns the pieces and the planning time."""
+    returns the pieces and ``plan_seconds``, the whole step's wall time (resolving the source,
+    the checks, the model's own tp plan when there is one, the device map and the plan)."""
     from weightcast.launch.cmd_load import parse_storage_options
     from weightcast.orchestrator.cluster import parse_bytes
     from weightcast.orchestrator.prepare import prepare_with_index
@@ -224,7 +225,8 @@ def print_summary(s: dict[str, Any]) -> None:
         f"needed {hb(s['needed_bytes'])}; naive (every rank reads everything) {hb(naive)} "
         f"= {naive / max(total, 1):.1f} x more\n")
     out(f"read balance max/mean {s['max_mean_read']:.3f}; {s['chunks']} chunks, {s['reads']} "
-        f"reads, {s['transfers']} transfers; planned in {s['plan_seconds'] * 1000:.0f} ms, "
+        f"reads, {s['transfers']} transfers; prepared (resolve, checks, map, plan) in "
+        f"{s['plan_seconds'] * 1000:.0f} ms, "
         f"plan JSON {hb(s['plan_json_bytes'])}\n")
     if sim:
         phases = ", ".join(f"{k} {v:.3f} s" for k, v in s["phases"].items())
