@@ -56,7 +56,7 @@ def save_training_state(checkpoint_dir: str | os.PathLike, model: torch.nn.Modul
     ok = False
     staging = None
     try:
-        staging = coordinate(group, lambda: {"dir": _staging_name(out)})["dir"]
+        staging = coordinate(group, lambda: _staging_name(out).encode()).decode()
         _save(group, out, staging, model, optimizer, scheduler, scaler, trainer_state, rng, max_shard_size,
               timeout, hook)
         ok = True

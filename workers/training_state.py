@@ -102,7 +102,8 @@ def _resume(group: Group, checkpoint_dir: str, model: Any, loaded: dict | None, 
     all_facts = gather_facts(group, facts, error)
     want = {"optimizer": optimizer is not None, "scheduler": scheduler is not None,
             "scaler": scaler is not None, "rng": rng == "restore"}
-    payload = coordinate(group, lambda: _plan_on_rank0(checkpoint_dir, want, layouts, all_facts, transport))
+    payload = json.loads(coordinate(group, lambda: json.dumps(
+        _plan_on_rank0(checkpoint_dir, want, layouts, all_facts, transport), separators=(",", ":")).encode()))
     state = _phase(group, "transfer", lambda: _move_optimizer(group, payload, device, threads))
     stats = state.pop("__stats__") if state is not None else None
     small = _phase(group, "read", lambda: load_small_files(payload["files"], group.rank, want))
