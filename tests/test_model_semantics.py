@@ -176,9 +176,9 @@ def test_auto_class_with_config_override(tmp_path) -> None:
 
 def test_model_class_and_strict_refusal(tmp_path) -> None:
     from transformers import LlamaForSequenceClassification
-    from weightcast.orchestrator.errors import WeightcastError
+    from weightcast.orchestrator.errors import ModelMismatchError
     save_tiny_llama(tmp_path, tied=False)
-    with pytest.raises(WeightcastError, match="(?s)ModelMismatchError|does not match the model.*score.weight"):
+    with pytest.raises(ModelMismatchError, match="(?s)does not match the model.*score.weight"):
         _load(tmp_path, model=LlamaForSequenceClassification, num_labels=2)
 
 
@@ -398,12 +398,12 @@ def test_ignore_mismatched_sizes_reinitialises_the_head(tmp_path) -> None:
     """A 3-label classifier save loaded with num_labels=5: refused by default (from_pretrained
     raises too); with ignore_mismatched_sizes=True the head is initialised anew and reported."""
     from transformers import BertConfig, BertForSequenceClassification
-    from weightcast.orchestrator.errors import WeightcastError
+    from weightcast.orchestrator.errors import ModelMismatchError
     torch.manual_seed(0)
     cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                      vocab_size=128, max_position_embeddings=64, num_labels=3)
     BertForSequenceClassification(cfg).save_pretrained(str(tmp_path))
-    with pytest.raises(WeightcastError, match="(?s)classifier.*ignore_mismatched_sizes=True"):
+    with pytest.raises(ModelMismatchError, match="(?s)classifier.*ignore_mismatched_sizes=True"):
         _load(tmp_path, num_labels=5)
     mine, info = _load(tmp_path, num_labels=5, ignore_mismatched_sizes=True, output_loading_info=True)
     ref, ref_info = BertForSequenceClassification.from_pretrained(str(tmp_path), num_labels=5,
@@ -413,3 +413,19 @@ def test_ignore_mismatched_sizes_reinitialises_the_head(tmp_path) -> None:
     assert mine.classifier.weight.shape == (5, 32) and torch.isfinite(mine.classifier.weight).all()
     assert torch.equal(mine.classifier.bias, torch.zeros(5))
     _assert_same_state(mine, ref, skip=("classifier.",))
+
+
+def test_load_leaves_the_callers_random_stream_alone(tmp_path) -> None:
+    """Initialising a new head draws from a seed derived from the caller's generator without
+    advancing it: the same seed gives the same head, and the stream after the load is unchanged."""
+    from transformers import AutoModelForSequenceClassification
+    save_tiny_llama(tmp_path, tied=False)
+    heads = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        model = _load(tmp_path, model=AutoModelForSequenceClassification, num_labels=2, strict=False)
+        heads.append(model.score.weight.detach().clone())
+        after = torch.rand(3)
+        torch.manual_seed(7)
+        assert torch.equal(after, torch.rand(3))
+    assert torch.equal(heads[0], heads[1])

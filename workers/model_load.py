@@ -85,9 +85,11 @@ def first_float_dtype(index: Any) -> str | None:
 
 
 def init_seed() -> int:
-    """Rank 0: the seed every rank initialises missing parameters with (drawn from rank 0's torch
-    generator, so ``torch.manual_seed`` before the load makes it reproducible)."""
-    return int(torch.randint(0, 2**62, (1,)).item())
+    """Rank 0: the seed every rank initialises missing parameters with, derived from rank 0's
+    torch generator without advancing it (``torch.manual_seed`` before the load reproduces it; the
+    caller's random stream is the same after the load as before)."""
+    with torch.random.fork_rng(devices=[]):
+        return int(torch.randint(0, 2**62, (1,)).item())
 
 
 def owns_of(dm: Any, rank: int) -> Callable[[str], bool]:
