@@ -29,6 +29,8 @@ class LoadOrder:
     ``{tensor: (file, rank)}`` of the tensors the map offloads to a rank's disk; ``targets``:
     ``{checkpoint key: parameter}`` where transformers' mapping renames a key, for a model spread
     over ranks (each rank then knows which parameters it holds).
+    ``file_ids``: ``{file: (inode, ctime_ns)}`` rank 0 saw while planning (local files), so a file
+    replaced or rewritten before a rank maps it is noticed even with size and mtime restored.
     ``local_root`` / ``local_stamps``: node-local storage only, set by each rank after it
     received the order (this node's copy: its root and ``{file: (size, mtime_ns)}``).
     """
@@ -48,6 +50,7 @@ class LoadOrder:
     disk: dict[str, tuple[str, int]] | None = None
     targets: dict[str, str] | None = None
     local_stamps: dict[str, tuple[int, int]] | None = None
+    file_ids: dict[str, tuple[int, int]] | None = None
 
     def with_local_copy(self, root: str, stamps: dict[str, Any]) -> "LoadOrder":
         """This order as seen on a node with its own copy (node-local storage)."""

@@ -204,7 +204,7 @@ def _decode_transfers(doc: dict, sets: list[tuple[int, ...]]) -> tuple[TransferI
 
 ORDER_FORMAT = "weightcast-order"
 _ORDER_FIELDS = ("kind", "root", "config", "transport", "load_id", "checkpoint_bytes", "files", "init_seed",
-                 "auto_dtype", "model_tp_size", "crc32", "disk", "targets")
+                 "auto_dtype", "model_tp_size", "crc32", "disk", "targets", "file_ids")
 
 
 def encode_order(order: "LoadOrder") -> bytes:
@@ -231,7 +231,7 @@ def decode_order(data: bytes) -> "LoadOrder":
                         fix="use the same weightcast version on every rank")
     fields = {name: doc.get(name) for name in _ORDER_FIELDS}
     fields["files"] = tuple(fields["files"] or ())
-    for name in ("crc32", "disk"):
+    for name in ("crc32", "disk", "file_ids"):
         fields[name] = {k: tuple(v) for k, v in fields[name].items()} if fields[name] else None
     plan = plan_from_doc(doc["plan"]) if doc.get("plan") is not None else None
     dm = device_map_from_json(json.dumps(doc["device_map"])) if doc.get("device_map") is not None else None

@@ -144,6 +144,8 @@ def _plan_order(request: LoadRequest, cluster: ClusterSpec, hooks: ModelHooks, s
     dm = build_device_map(index, cluster, request.device_map, max_memory=request.max_memory,
                           tp_size=request.tp_size, config=src.config, key_rules=model_tp[0] if model_tp else None)
     transport = choose_transport(request.transport, cluster)
+    if request.transport == "auto" and not request.zero_copy:  # private memory: read, never map
+        transport = "collective"
     options = PlanOptions(transport=transport, chunk_bytes=request.chunk_bytes, bucket_bytes=request.bucket_bytes,
                           gap_bytes=gap_bytes)
     plan = plan_load(index, cluster, dm, options)
@@ -153,7 +155,20 @@ def _plan_order(request: LoadRequest, cluster: ClusterSpec, hooks: ModelHooks, s
                      model_tp_size=model_tp[1] if model_tp else None,
                      crc32=checksums_of(index) if request.verify_checksums else None,
                      disk=disk_placements(dm, index) or None,
-                     targets=_targets(request, hooks, src, index, dm) if not model_tp else None)
+                     targets=_targets(request, hooks, src, index, dm) if not model_tp else None,
+                     file_ids=file_ids(src.root, [f.name for f in index.files]))
+
+
+def file_ids(root: str, names: list[str]) -> dict[str, tuple[int, int]] | None:
+    """``{file: (inode, ctime_ns)}`` of local checkpoint files (None for object storage): what a
+    rank compares before it maps them (``weightcast.workers.file_guard``)."""
+    if "://" in root:
+        return None
+    out = {}
+    for name in names:
+        st = os.stat(os.path.join(root, name))
+        out[name] = (st.st_ino, st.st_ctime_ns)
+    return out
 
 
 def _targets(request: LoadRequest, hooks: ModelHooks, src: Any, index: Any, dm: Any) -> dict[str, str] | None:

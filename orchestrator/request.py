@@ -48,6 +48,7 @@ class LoadRequest:
     key_mapping: dict | None = None
     storage_options: dict | None = None  # s3:// sources: client settings (workers.s3.S3Options)
     output_loading_info: bool = False
+    zero_copy: bool = True  # False: every tensor in private memory, never a view of a checkpoint file
     model_kwargs: dict = dataclasses.field(default_factory=dict)  # from_pretrained's config overrides
 
     def __post_init__(self) -> None:

@@ -12,6 +12,8 @@ be hit while the others run normally:
   rank rewrites / truncates ``WC_FAULT_FILE`` after planning; every rank then waits at a
   barrier so nobody reads before).
 - ``WC_FAULT=stop@rank:phase``: the rank SIGSTOPs itself (alive, silent).
+- ``WC_FAULT=truncate@rank:phase`` truncates to ``WC_TRUNCATE_TO`` bytes when set;
+  ``rewrite-same`` / ``replace`` flip a byte in place / through a rename, restoring size and mtime.
 - ``WC_READ=kind@rank`` for :func:`reader_factory`; kinds in :class:`FaultReader`.
   ``WC_SLOW_READ=seconds``: every rank sleeps that long before each read (slow storage).
   ``WC_READ_LOG``: a file every read is appended to as a JSON line ``[rank, file, offset, length]``.
@@ -93,7 +95,7 @@ def phase_hook(phase: str, rank: int) -> None:
     if spec is None:
         return
     kind, target, at = spec
-    if kind in ("rewrite", "truncate") and phase == at:
+    if kind in ("rewrite", "truncate", "rewrite-same", "replace") and phase == at:
         _change_file_then_barrier(kind, rank == target)
         return
     if rank != target or phase != at:
@@ -131,8 +133,10 @@ def _change_file_then_barrier(kind: str, mine: bool) -> None:
     import torch.distributed as dist
     if mine:
         path = os.environ["WC_FAULT_FILE"]
-        if kind == "truncate":
-            os.truncate(path, os.path.getsize(path) - 4)
+        if kind == "truncate":  # WC_TRUNCATE_TO: the new size (default: 4 bytes less)
+            os.truncate(path, int(os.environ.get("WC_TRUNCATE_TO", os.path.getsize(path) - 4)))
+        elif kind in ("rewrite-same", "replace"):
+            _rewrite_keeping_size_and_mtime(path, kind == "replace")
         else:
             with open(path, "r+b") as fh:
                 data = bytearray(fh.read())
@@ -143,6 +147,21 @@ def _change_file_then_barrier(kind: str, mine: bool) -> None:
             os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def _rewrite_keeping_size_and_mtime(path: str, replace: bool) -> None:
+    """Flip the file's last byte, in place or as a new file renamed over it, and restore its
+    size and mtime: only the inode or the ctime tell."""
+    st = os.stat(path)
+    with open(path, "rb") as fh:
+        data = bytearray(fh.read())
+    data[-1] ^= 0xFF
+    target = path + ".new" if replace else path
+    with open(target, "r+b" if not replace else "wb") as fh:
+        fh.write(data)
+    if replace:
+        os.replace(target, path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 class FaultReader:

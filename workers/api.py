@@ -40,7 +40,7 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
                     progress: bool = True, return_report: bool = False, report_memory: bool = True,
                     verify_checksums: bool = False, key_mapping: dict | None = None,
                     storage_options: dict | None = None,
-                    output_loading_info: bool = False, **model_kwargs: Any) -> Any:
+                    output_loading_info: bool = False, zero_copy: bool = True, **model_kwargs: Any) -> Any:
     """Load ``source`` onto every rank of the job; returns this rank's model (or state dict).
 
     Collective: every rank calls it with the same arguments. ``model``: ``"auto"`` (transformers
@@ -53,6 +53,9 @@ def load_pretrained(source: str, *, revision: str | None = None, cache_dir: str 
     ``output_loading_info=True`` returns ``(model, loading_info)`` with from_pretrained's dict
     (missing / unexpected / mismatched keys, error messages); otherwise rank 0 logs a warning.
     ``device_map``: ``"replicate" | "auto" | "tp" | dict | ClusterDeviceMap | JSON path``.
+    ``zero_copy=False``: every tensor in this rank's private memory (``transport="auto"`` then
+    reads with the collective transport; node-shared views are copied), so a checkpoint file
+    changed or truncated after the load can neither change the tensors nor fault on touch.
     ``dtype`` (alias ``torch_dtype``): ``"auto"``, a ``torch.dtype`` or its name.
     ``transport``: ``"auto"`` (node-shared for CPU targets, collective for CUDA), or either.
     ``key_mapping``: ``{regex: replacement}`` applied to checkpoint keys before transformers' own

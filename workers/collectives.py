@@ -111,6 +111,6 @@ def liveness_verdict(group: Group) -> LoadError | None:
         return None
     if live.verdict is None:
         rank, quiet = live.quiet_peer()
-        stuck_soon = rank >= 0 and quiet > group.timeout / 2
+        stuck_soon = rank >= 0 and quiet > max(group.timeout / 2, 3.0)
         live.wait_verdict(live.stuck_after - quiet + 1.0 if stuck_soon else 0.5)
     return live.verdict

@@ -96,6 +96,7 @@ def _phase(group: Group, request: LoadRequest, clock: PhaseClock, name: str, fn:
 
 def execute_plan(group: Group, request: LoadRequest, order: LoadOrder, device: torch.device, clock: PhaseClock):
     """Every rank: read and move per the plan, then materialize (collective)."""
+    guards: list = []  # the file guard of a node-shared move, for materialize
     if order.kind == "pickle":
         from weightcast.workers.pickle_load import load_pickle
         tensors = _phase(group, request, clock, "read", lambda: load_pickle(order, request, group))
@@ -103,12 +104,13 @@ def execute_plan(group: Group, request: LoadRequest, order: LoadOrder, device: t
     else:
         plan = order.plan
         tensors, stats = _phase(group, request, clock, "transfer",
-                                lambda: _verified(_move(group, request, order, plan, device), order, plan, group.rank),
+                                lambda: _verified(_move(group, request, order, plan, device, guards), order, plan,
+                                                  group.rank),
                                 cleanup=lambda: _remove_areas(order))
     stats.owned_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     owned = owned_of(plan, group.rank) if plan is not None else ()
     result = _phase(group, request, clock, "materialize",
-                    lambda: _materialize(group, request, order, tensors, device, owned, plan))
+                    lambda: _materialize(group, request, order, tensors, device, owned, plan, tuple(guards)))
     return result, stats, plan
 
 
@@ -129,7 +131,7 @@ def _remove_areas(order: LoadOrder) -> None:
     remove_areas(order.load_id)
 
 
-def _move(group: Group, request: LoadRequest, order: LoadOrder, plan, device: torch.device):
+def _move(group: Group, request: LoadRequest, order: LoadOrder, plan, device: torch.device, guards: list):
     root = order.root
     files = plan.files
     if order.local_stamps is not None:  # node-local copy: this node's own sizes and mtimes
@@ -146,11 +148,32 @@ def _move(group: Group, request: LoadRequest, order: LoadOrder, plan, device: to
             from weightcast.workers.staging_areas import reclaim_stale
             if group.local_rank == 0:
                 reclaim_stale()
-            return run_node_shared(group, plan, root, reader, order.load_id, request.threads, request.progress)
+            guard = _file_guard(root, files, order)
+            if guard is not None:
+                guards.append(guard)
+            moved = run_node_shared(group, plan, root, reader, order.load_id, request.threads, request.progress,
+                                    before_views=guard.check if guard else None)
+            if guard is not None:
+                guard.check(moved[0])
+            if not request.zero_copy:  # private copies: nothing stays a view of a file
+                moved = ({name: t.clone() for name, t in moved[0].items()}, *moved[1:])
+            return moved
         from weightcast.workers.transfer import run_collective
         return run_collective(group, plan, reader, device, request.threads)
     finally:
         reader.close()
+
+
+def _file_guard(root: str, files: tuple, order: LoadOrder) -> Any:
+    """The node-shared transport maps local files: their identities, checked before every step
+    that touches the mapped pages (see workers.file_guard), and again before materialize."""
+    if root.startswith("s3://"):
+        return None
+    from weightcast.workers.file_guard import FileGuard
+    planned = order.file_ids if order.local_stamps is None else None  # node-local: other copies
+    guard = FileGuard(root, files, planned)
+    guard.snapshot()
+    return guard
 
 
 def _storage_reader(request: LoadRequest, root: str, files: tuple) -> Any:
@@ -173,7 +196,9 @@ class OwnedTensors(dict):
 
 
 def _materialize(group: Group, request: LoadRequest, order: LoadOrder, tensors: dict, device: torch.device,
-                 plan_owned: tuple = (), plan=None):
+                 plan_owned: tuple = (), plan=None, guards: tuple = ()):
+    for guard in guards:  # node-shared views: their files must be unchanged before any touch
+        guard.check(tensors)
     if request.model is None:  # dtype="auto": the tensors as stored, as safetensors' load_file returns them
         dtype = None if request.dtype == "auto" else resolve_dtype(request.dtype, order.config)
         return OwnedTensors(cast_tensors(tensors, dtype), plan_owned)

@@ -32,20 +32,23 @@ from weightcast.workers.populate import Populate, populate_method
 from weightcast.workers.progress import progress_bar
 from weightcast.workers.reader import ReadPool, StorageReader
 from weightcast.workers.ring import run_ring
-from weightcast.workers.staging_areas import Areas, FileMaps, StagedMaps, remove_areas
+from weightcast.workers.staging_areas import Areas, FileMaps, StagedMaps, check_space, remove_areas
 from weightcast.workers.staging_views import build_views, node_of
 from weightcast.workers.transfer import TransferStats
 
 
 def run_node_shared(group: Group, plan: LoadPlan, root: str, reader: StorageReader, load_id: str,
-                    threads: int = 4, show_progress: bool = True) -> tuple[dict[str, torch.Tensor], TransferStats]:
+                    threads: int = 4, show_progress: bool = True,
+                    before_views: Callable[[], None] | None = None) -> tuple[dict[str, torch.Tensor], TransferStats]:
     """Execute ``plan`` with node-shared staging; returns this rank's tensors (collective).
     A ``staged`` reader (object storage) reads into the node's ``/dev/shm`` areas with its own
-    request size and concurrency; every view then maps those areas."""
+    request size and concurrency; every view then maps those areas. ``before_views`` runs once the
+    pages are in, before any is copied (a check that the files did not change)."""
     stats = TransferStats()
     node_names = [n for n, _ in plan.nodes]
     node_index = node_names.index(node_of(plan, group.rank))
     sizes = {f.name: f.size for f in plan.files}
+    check_space(plan, node_of(plan, group.rank), bool(getattr(reader, "staged", False)))
     areas = Areas(load_id, node_index, sizes, {f.name: i for i, f in enumerate(plan.files)})
     staged = bool(getattr(reader, "staged", False))
     pool = ReadPool(reader, getattr(reader, "concurrency", threads) if staged else threads)
@@ -71,6 +74,8 @@ def run_node_shared(group: Group, plan: LoadPlan, root: str, reader: StorageRead
         t1 = time.perf_counter()
         barrier(group)  # every node's page cache and staging areas are complete
         t2 = time.perf_counter()
+        if before_views is not None:
+            before_views()
         tensors = build_views(plan, group.rank, maps, areas, staged)
         barrier(group)  # every rank has mapped what it needs
         remove_areas(load_id)

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from weightcast.orchestrator.errors import StorageError
 from weightcast.orchestrator.planner import LoadPlan
 from weightcast.workers.reader import check_stamp
 
@@ -26,6 +27,37 @@ PREFIX = "weightcast-"
 
 def shm_path(load_id: str, node_index: int, file_index: int) -> str:
     return os.path.join(SHM_DIR, f"{PREFIX}{load_id}-n{node_index}-f{file_index}")
+
+
+def check_space(plan: LoadPlan, node: str, staged: bool, shm_dir: str = SHM_DIR) -> int:
+    """Every rank, before any area is written: the bytes this node will stage in ``shm_dir`` (what
+    it receives from other nodes, what its ranks read of the tensors it also receives (mirrored
+    into the areas), and what its ranks read when a ``staged`` reader reads into the areas) must fit the free space there, else a StorageError naming the directory, the bytes
+    needed and free, and the fix (tmpfs pages written past its size would make the writers hang
+    or die of SIGBUS). -> the bytes needed. Not collective."""
+    from weightcast.orchestrator.planner import node_cross_bytes
+    ranks = {r for n, rs in plan.nodes if n == node for r in rs}
+    need = 0
+    if len(plan.nodes) > 1:  # received over the ring, plus the node's own reads of such tensors (mirrored)
+        need = node_cross_bytes(plan)[node][1]
+        ringed = {c.tensor for c in plan.chunks if c.reader not in ranks and any(r in ranks for r in c.consumers)}
+        need += sum(c.length for c in plan.chunks if c.reader in ranks and c.tensor in ringed)
+    if staged:
+        need += sum(i.length for i in plan.reads if i.rank in ranks)
+    if not need:
+        return 0
+    try:
+        st = os.statvfs(shm_dir)
+    except OSError:
+        return need
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise StorageError("Not enough shared memory for this node's staging areas", where=f"{shm_dir} on node {node}",
+                           expected=f"{need:,} bytes free (bytes this node receives from other nodes)",
+                           got=f"{free:,} bytes free of {st.f_blocks * st.f_frsize:,}",
+                           fix=f"enlarge {shm_dir} (mount -o remount,size=... {shm_dir}; docker run --shm-size), "
+                               "free it, or load with transport='collective'")
+    return need
 
 
 def reclaim_stale(shm_dir: str = SHM_DIR) -> list[str]:

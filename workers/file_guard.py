@@ -1,0 +1,120 @@
+"""Checkpoint files that change under a load's mappings become a StorageError, never a SIGBUS.
+
+The node-shared transport hands out tensors that are views of each rank's private mapping of
+the checkpoint files. Touching a mapped page that a truncation removed kills the process with
+SIGBUS, so before the steps that touch those pages (the private copies made while building
+views, checksums, materialize) every rank checks, for every file it maps:
+
+- that the file at its path is still the one it mapped: same device, inode, size, mtime and
+  ctime as when the transfer started (a rename-replace changes the inode; a rewrite, even one
+  that restores size and mtime, changes the ctime), the size and mtime being the plan's and
+  the inode and ctime those rank 0 saw while planning (shared storage);
+- that every page of the tensors it holds is still backed (``MADV_POPULATE_READ`` over their
+  memory: the kernel answers EFAULT where a touch would raise SIGBUS).
+
+A file changed between these checks and the touch a few milliseconds later can still fault;
+files changed after the load returned are the caller's (see README, "Failure behaviour").
+Not collective; each rank checks its own mappings.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from typing import Any, Iterable
+
+from weightcast.orchestrator.errors import StorageError
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_MADV_POPULATE_READ = 22  # Linux >= 5.14
+_PAGE = mmap.PAGESIZE
+_FIX = "do not modify, truncate or replace a checkpoint while it is loaded; run the load again"
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+class FileGuard:
+    """The identities of the files one rank maps (``stamps``: the plan's FileStamps)."""
+
+    def __init__(self, root: str, stamps: Iterable[Any], planned: dict[str, list[int]] | None = None) -> None:
+        self.root = root
+        self.stamps = {s.name: s for s in stamps}
+        self.planned = planned or {}  # name -> [inode, ctime_ns] rank 0 saw while planning
+        self.ids: dict[str, tuple[int, int, int, int, int]] = {}
+
+    def snapshot(self) -> None:
+        """Record each file's identity (start of the transfer); a size or mtime other than the
+        plan's is already a StorageError."""
+        for name, stamp in self.stamps.items():
+            st = self._stat(name)
+            if (st.st_size, st.st_mtime_ns) != (stamp.size, stamp.mtime_ns):
+                raise self._changed(name, f"size {stamp.size}, mtime_ns {stamp.mtime_ns} (the plan's)",
+                                    f"size {st.st_size}, mtime_ns {st.st_mtime_ns}", "between planning and reading")
+            seen = self.planned.get(name)
+            if seen is not None and [st.st_ino, st.st_ctime_ns] != list(seen):
+                raise self._changed(name, f"inode {seen[0]}, ctime_ns {seen[1]} (when planned)",
+                                    f"inode {st.st_ino}, ctime_ns {st.st_ctime_ns}", "between planning and reading")
+            self.ids[name] = _identity(st)
+
+    def check(self, tensors: dict | None = None) -> None:
+        """Raise StorageError naming the first file that changed since :meth:`snapshot`, or a
+        tensor page no longer backed by its file."""
+        for name, before in self.ids.items():
+            now = _identity(self._stat(name))
+            if now != before:
+                fields = ("device", "inode", "size", "mtime_ns", "ctime_ns")
+                what = [f"{f} {a} -> {b}" for f, a, b in zip(fields, before, now) if a != b]
+                raise self._changed(name, "the file mapped at the start of the transfer", ", ".join(what),
+                                    "during the load")
+        if tensors:
+            check_backed(tensors.values())
+
+    def _stat(self, name: str) -> os.stat_result:
+        try:
+            return os.stat(os.path.join(self.root, name))
+        except OSError as exc:
+            raise StorageError("A checkpoint file disappeared during the load", where=os.path.join(self.root, name),
+                               got=exc.strerror, fix=_FIX) from None
+
+    def _changed(self, name: str, expected: str, got: str, when: str) -> StorageError:
+        return StorageError(f"A checkpoint file changed {when}", where=os.path.join(self.root, name),
+                            expected=expected, got=got, fix=_FIX)
+
+
+def check_backed(tensors: Iterable[Any]) -> None:
+    """``MADV_POPULATE_READ`` over the memory of every CPU tensor (each storage once): a page a
+    touch would fault on (its file was truncated) is a StorageError naming the file."""
+    seen: set[int] = set()
+    for t in tensors:
+        if getattr(t, "device", None) is None or t.device.type != "cpu" or t.is_meta:
+            continue
+        storage = t.untyped_storage()
+        ptr, size = storage.data_ptr(), storage.nbytes()
+        if not size or ptr in seen:
+            continue
+        seen.add(ptr)
+        start = ptr - ptr % _PAGE
+        if _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(ptr + size - start), _MADV_POPULATE_READ) != 0:
+            err = ctypes.get_errno()
+            if err in (errno.EINVAL, errno.ENOSYS):  # an old kernel: the stat checks are all there is
+                return
+            raise StorageError("A loaded tensor's pages are no longer backed by its checkpoint file",
+                               where=_mapped_file(ptr) or f"memory at {ptr:#x}", got=os.strerror(err),
+                               expected="every page of the file mapped at the start of the load", fix=_FIX)
+
+
+def _mapped_file(addr: int) -> str | None:
+    """The file mapped at ``addr`` in this process (from /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                parts = line.split(None, 5)
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if lo <= addr < hi:
+                    return parts[5].strip() if len(parts) == 6 else None
+    except OSError:
+        pass
+    return None
