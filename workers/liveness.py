@@ -10,7 +10,10 @@ in a gloo collective, materializing):
   its connection end. The verdict reaches every survivor within milliseconds.
 - a rank that **stops being heard** (SIGSTOP, a frozen host, a partition) is declared stuck once
   it has been silent for ``timeout`` + :data:`STUCK_MARGIN` seconds (heartbeats come from their
-  own thread, so a slow main thread is never silent; only a process that cannot run is).
+  own thread, so a slow main thread is never silent; only a process that cannot run is, or one
+  whose main thread holds the interpreter lock in a long native call). A silent rank on the same
+  host is declared stuck only if its process is stopped (``/proc``: state T), dead if it is gone;
+  a silent rank elsewhere is declared stuck on silence alone.
 
 The verdict is a :class:`LoadError` naming the rank, the same text on every rank (the hub words
 it). :meth:`Liveness.check` raises it: the read threads and the transfer loops call it between
@@ -23,6 +26,7 @@ broadcasts the hub's address); :meth:`Liveness.stop` on every rank at the end of
 from __future__ import annotations
 
 import json
+import os
 import selectors
 import socket
 import threading
@@ -55,6 +59,7 @@ class Liveness:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
+        self._hub_process: tuple[str, int] | None = None  # rank 0's (host name, pid)
 
     # ------------------------------------------------------------------ what callers use
 
@@ -128,16 +133,33 @@ def start(rank: int, world: int, timeout: float, node: str, share: Callable[[byt
         return live
     if rank == 0:
         listener = socket.create_server((host, 0), backlog=min(world, 4096))
-        address = json.dumps([host, listener.getsockname()[1]]).encode()
+        address = json.dumps([host, listener.getsockname()[1], os.getpid(), socket.gethostname()]).encode()
         share(address)
         live._thread = threading.Thread(target=_Hub(live, listener).run, name="weightcast-liveness-hub", daemon=True)
     else:
-        host, port = json.loads(share(None))
+        host, port, hub_pid, hub_host = json.loads(share(None))
+        live._hub_process = (hub_host, hub_pid)
         sock = socket.create_connection((host, port), timeout=timeout)
-        sock.sendall(f"r {rank}\n".encode())
+        sock.sendall(f"r {rank} {os.getpid()} {socket.gethostname()}\n".encode())
         live._thread = threading.Thread(target=_client, args=(live, sock), name="weightcast-liveness", daemon=True)
     live._thread.start()
     return live
+
+
+def silent_process(process: tuple[str, int] | None) -> str | None:
+    """What a peer silent past ``stuck_after`` is: ``"stuck"``, ``"died"``, or None when it runs on
+    this host and is neither stopped nor gone (its main thread holds the interpreter lock, or the
+    host is overloaded: not stuck; gloo's own timeout still bounds the wait on it)."""
+    if process is None or process[0] != socket.gethostname():
+        return "stuck"  # another host: silence is all there is to go on
+    try:
+        with open(f"/proc/{process[1]}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "died"
+    if state in (b"Z", b"X"):
+        return "died"
+    return "stuck" if state in (b"T", b"t") else None
 
 
 # ------------------------------------------------------------------ rank 0: the hub
@@ -153,6 +175,7 @@ class _Hub:
         self.heard = {r: time.monotonic() for r in range(1, live.world)}
         self.gone: set[int] = set()  # said goodbye
         self.socks: dict[int, socket.socket] = {}
+        self.processes: dict[int, tuple[str, int]] = {}  # rank -> (host name, pid)
 
     def run(self) -> None:
         live = self.live
@@ -201,7 +224,9 @@ class _Hub:
 
     def _line(self, sock: Any, state: list, line: str) -> None:
         if line.startswith("r "):
-            state[0] = int(line[2:])
+            rank, pid, host = line[2:].split(" ", 2)
+            state[0] = int(rank)
+            self.processes[state[0]] = (host, int(pid))
             self.socks[state[0]] = sock
         if state[0] is None:
             return
@@ -216,7 +241,9 @@ class _Hub:
         quiet = max(waiting.items(), key=lambda kv: kv[1], default=(-1, 0.0))
         live._quiet = quiet
         if quiet[0] >= 0 and quiet[1] > live.stuck_after:
-            self._lost(quiet[0], "stuck", quiet[1])
+            how = silent_process(self.processes.get(quiet[0]))
+            if how is not None:
+                self._lost(quiet[0], how, quiet[1])
         self._send_all(f"h {quiet[0]} {quiet[1]:.3f}\n".encode())
 
     def _lost(self, rank: int, how: str, silent: float) -> None:
@@ -285,7 +312,9 @@ def _client(live: Liveness, sock: socket.socket) -> None:
                 if _client_lines(live, lines):
                     return
             elif now - heard > live.stuck_after:
-                live._decide({"rank": 0, "how": "stuck", "silent_s": round(now - heard, 3)})
+                how = silent_process(live._hub_process)
+                if how is not None:
+                    live._decide({"rank": 0, "how": how, "silent_s": round(now - heard, 3)})
     finally:
         try:
             sock.sendall(b"bye\n")
