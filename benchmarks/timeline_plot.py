@@ -14,6 +14,10 @@ import json
 import sys
 
 COLORS = {"read": "#1f77b4", "send": "#ff7f0e", "recv": "#2ca02c"}
+# a send runs from its posting (bytes ready, previous send to that rank done) to its completion;
+# a receive is posted up front, so it runs from the previous completion from that rank (or the
+# posting) to its arrival: waiting included
+LABELS = {"read": "read request", "send": "send", "recv": "receive (waiting included)"}
 PHASE_COLORS = {"plan": "#bbbbbb", "views": "#9467bd", "materialize": "#8c564b"}
 
 
@@ -46,7 +50,7 @@ def plot(entries: list[dict], path: str, title: str = "") -> str:
         for j, kind in enumerate(("read", "send", "recv")):
             y = base + 2.6 - 0.8 * j
             spans = [(e[0], max(e[1] - e[0], 1e-4)) for e in entry.get("timeline", {}).get(kind, [])]
-            ax.broken_barh(spans, (y - 0.3, 0.6), color=COLORS[kind], label=kind if i == 0 else None)
+            ax.broken_barh(spans, (y - 0.3, 0.6), color=COLORS[kind], label=LABELS[kind] if i == 0 else None)
             ticks.append(y)
             labels.append(f"rank {entry.get('rank', i)} {kind}")
         for phase, (a, b) in entry.get("phases", {}).items():
