@@ -85,15 +85,34 @@ def _trial(loader: str, n: int, url: str, proxy, scratch: str) -> dict:
     proxy.clear()
     env = {"RUNAI_STREAMER_DIST": "0"}
     os.environ.update(env)
-    results = spawn(n, "benchmarks.s3_bench:rank_job",
-                    {"loader": loader, "url": url, "barrier": barrier, "scratch": scratch}, timeout=900)
+    try:
+        results = spawn(n, "benchmarks.s3_bench:rank_job",
+                        {"loader": loader, "url": url, "barrier": barrier, "scratch": scratch}, timeout=900)
+    except Exception as exc:  # noqa: BLE001 - a loader failing is a result too
+        return {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[-1][:300]}", "served": proxy.get_bytes()}
+    finally:
+        shutil.rmtree(barrier, ignore_errors=True)
+        for d in glob.glob(os.path.join(scratch, "tmp*")):
+            shutil.rmtree(d, ignore_errors=True)
     values = [r.value for r in results]
-    served = proxy.get_bytes()
-    shutil.rmtree(barrier, ignore_errors=True)
-    for d in glob.glob(os.path.join(scratch, "tmp*")):
-        shutil.rmtree(d, ignore_errors=True)
-    return {"seconds": max(v["end"] for v in values) - min(v["start"] for v in values), "served": served,
-            "pss": sum(v["pss"] for v in values)}
+    return {"seconds": max(v["end"] for v in values) - min(v["start"] for v in values),
+            "served": proxy.get_bytes(), "pss": sum(v["pss"] for v in values)}
+
+
+def _row(loader: str, n: int, trials: list[dict], size: int) -> dict:
+    ok = [t for t in trials if "failed" not in t]
+    failed = [t["failed"] for t in trials if "failed" in t]
+    row = {"loader": loader, "ranks": n, "trials": trials, "failed": len(failed)}
+    if ok:
+        secs = [t["seconds"] for t in ok]
+        row.update(min_s=min(secs), median_s=statistics.median(secs), served_x=ok[-1]["served"] / size,
+                   pss_gb=ok[-1]["pss"] / 1e9)
+        print(f"N={n} {loader:10} min {row['min_s']:.2f} s, median {row['median_s']:.2f} s, served "
+              f"{row['served_x']:.2f} x, summed PSS {row['pss_gb']:.2f} GB ({len(ok)}/{len(trials)} trials ok)",
+              flush=True)
+    for reason in failed:
+        print(f"N={n} {loader:10} FAILED: {reason}", flush=True)
+    return row
 
 
 def _make_checkpoint(name: str, root: str) -> str:
@@ -144,14 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"time from a common start to the last rank done (pages touched)", flush=True)
             for n in [int(x) for x in args.ranks.split(",")]:
                 for loader in args.loaders.split(","):
-                    trials = [_trial(loader, n, url, proxy, tmp) for _ in range(args.trials)]
-                    secs = [t["seconds"] for t in trials]
-                    row = {"loader": loader, "ranks": n, "min_s": min(secs), "median_s": statistics.median(secs),
-                           "served_x": trials[-1]["served"] / size, "pss_gb": trials[-1]["pss"] / 1e9,
-                           "trials": trials}
-                    rows.append(row)
-                    print(f"N={n} {loader:10} min {row['min_s']:.2f} s, median {row['median_s']:.2f} s, "
-                          f"served {row['served_x']:.2f} x, summed PSS {row['pss_gb']:.2f} GB", flush=True)
+                    rows.append(_row(loader, n, [_trial(loader, n, url, proxy, tmp) for _ in range(args.trials)], size))
         finally:
             proxy.stop()
             server.stop()

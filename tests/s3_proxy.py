@@ -89,12 +89,29 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
             conn.request(self.command, self.path, body=body, headers=headers)
             resp = conn.getresponse()
-            data = resp.read()
             out_headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP | {"content-length"}]
+            if fault is None and resp.length is not None:
+                return self._stream(resp, out_headers, state)
+            data = resp.read()
             status = resp.status
         finally:
             conn.close()
         self._send(status, out_headers, data, fault, state)
+
+    def _stream(self, resp: http.client.HTTPResponse, headers: list, state: ProxyState) -> None:
+        """Forward the body as it arrives (1 MiB at a time), counting what reached the client."""
+        self.send_response(resp.status)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(resp.length))
+        self.end_headers()
+        sent = 0
+        try:
+            while self.command != "HEAD" and (chunk := resp.read(1 << 20)):
+                self.wfile.write(chunk)
+                sent += len(chunk)
+        finally:
+            state.record(Served(self.command, self.path, self.headers.get("Range"), resp.status, sent))
 
     def _send(self, status: int, headers: list, data: bytes, fault: Fault | None, state: ProxyState) -> None:
         half = len(data) // 2
