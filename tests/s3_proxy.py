@@ -86,6 +86,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(fault.code, state)
         conn = http.client.HTTPConnection(*state.upstream, timeout=60)
         try:
+            conn.connect()
+        except OSError:  # the server refused (overloaded): a 503 the client retries, never a hang-up
+            return self._error(503, state)
+        try:
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
             conn.request(self.command, self.path, body=body, headers=headers)
             resp = conn.getresponse()

@@ -191,7 +191,7 @@ def _client_error(code: str, status: int, headers: dict | None = None):
 
 
 def test_classify_names_bucket_key_and_fix():
-    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, NoCredentialsError
     from weightcast.orchestrator.errors import StorageError
     from weightcast.workers.s3 import _Retry, classify
     opts = S3Options()
@@ -208,5 +208,6 @@ def test_classify_names_bucket_key_and_fix():
     assert isinstance(classify(_client_error("SlowDown", 503), "b1", "k", opts), _Retry)
     assert isinstance(classify(_client_error("InternalError", 500), "b1", "k", opts), _Retry)
     assert isinstance(classify(EndpointConnectionError(endpoint_url="http://x"), "b1", "k", opts), _Retry)
+    assert isinstance(classify(ConnectionClosedError(endpoint_url="http://x"), "b1", "k", opts), _Retry)
     creds = classify(NoCredentialsError(), "b1", "k", opts)
     assert isinstance(creds, StorageError) and "AWS_PROFILE" in str(creds)

@@ -243,8 +243,8 @@ def classify(exc: Exception, bucket: str, key: str, options: S3Options) -> Excep
     if isinstance(exc, bx.EndpointConnectionError):
         return _Retry(StorageError("Cannot connect to the object store", where=where, got=str(exc)[:200],
                                    fix="check AWS_ENDPOINT_URL / storage_options['endpoint_url'] and the network"))
-    if isinstance(exc, (bx.ConnectionError, bx.ReadTimeoutError, bx.ResponseStreamingError,
-                        bx.IncompleteReadError, ConnectionError, TimeoutError)) or _is_urllib3(exc):
+    if isinstance(exc, (bx.ConnectionError, bx.HTTPClientError, bx.IncompleteReadError, ConnectionError,
+                        TimeoutError)) or _is_urllib3(exc):  # HTTPClientError: closed, read timeout, streaming
         return _Retry(StorageError("The connection to the object store failed during a request", where=where,
                                    got=f"{type(exc).__name__}: {str(exc)[:200]}",
                                    fix="check the object store and the network; retry the load"))
