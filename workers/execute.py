@@ -153,7 +153,7 @@ def _move(group: Group, request: LoadRequest, order: LoadOrder, plan, device: to
                 guards.append(guard)
             moved = run_node_shared(group, plan, root, reader, order.load_id, request.threads, request.progress,
                                     before_views=guard.check if guard else None)
-            if guard is not None:
+            if guard is not None and (request.verify_checksums or not request.zero_copy):  # they touch pages now
                 guard.check(moved[0])
             if not request.zero_copy:  # private copies: nothing stays a view of a file
                 moved = ({name: t.clone() for name, t in moved[0].items()}, *moved[1:])

@@ -78,7 +78,9 @@ class Liveness:
             raise self._verdict
 
     def quiet_peer(self) -> tuple[int, float]:
-        """(rank, seconds) of the peer heard least recently, as last reported (-1: none quiet)."""
+        """(rank, seconds) of the peer heard least recently, as last reported by the hub, counted
+        only when that peer may be stuck (its process is stopped, or it runs on another host;
+        0 seconds otherwise)."""
         return self._quiet
 
     def wait_verdict(self, seconds: float) -> LoadError | None:
@@ -239,12 +241,11 @@ class _Hub:
         live = self.live
         waiting = {r: now - t for r, t in self.heard.items() if r not in self.gone}
         quiet = max(waiting.items(), key=lambda kv: kv[1], default=(-1, 0.0))
-        live._quiet = quiet
-        if quiet[0] >= 0 and quiet[1] > live.stuck_after:
-            how = silent_process(self.processes.get(quiet[0]))
-            if how is not None:
-                self._lost(quiet[0], how, quiet[1])
-        self._send_all(f"h {quiet[0]} {quiet[1]:.3f}\n".encode())
+        how = silent_process(self.processes.get(quiet[0])) if quiet[0] >= 0 and quiet[1] > 3.0 else None
+        live._quiet = (quiet[0], quiet[1] if how is not None else 0.0)  # only a suspect counts as quiet
+        if how is not None and quiet[1] > live.stuck_after:
+            self._lost(quiet[0], how, quiet[1])
+        self._send_all(f"h {live._quiet[0]} {live._quiet[1]:.3f}\n".encode())
 
     def _lost(self, rank: int, how: str, silent: float) -> None:
         info = {"rank": rank, "how": how, "silent_s": round(silent, 3)}
