@@ -15,7 +15,7 @@ from tests.test_torchrun import torchrun
 from tests.test_training_state import SCRIPT
 from weightcast.launch.local import spawn
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = pytest.mark.timeout(600)  # the first test also runs the session's Trainer job
 
 
 def _same_state(saved_dir: str, original: str) -> None:

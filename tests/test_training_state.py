@@ -13,7 +13,7 @@ import torch
 from tests.test_torchrun import torchrun
 from weightcast.launch.local import spawn
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = pytest.mark.timeout(600)  # the first test also runs the session's Trainer job
 SCRIPT = os.path.join("tests", "trainer_run.py")
 
 
