@@ -148,7 +148,8 @@ def _move(group: Group, request: LoadRequest, order: LoadOrder, plan, device: to
             from weightcast.workers.staging_areas import reclaim_stale
             if group.local_rank == 0:
                 reclaim_stale()
-            guard = _file_guard(root, files, order)
+            nodes = dict((r, n) for n, ranks in plan.nodes for r in ranks)
+            guard = _file_guard(root, files, order, nodes.get(group.rank) == nodes.get(0))
             if guard is not None:
                 guards.append(guard)
             moved = run_node_shared(group, plan, root, reader, order.load_id, request.threads, request.progress,
@@ -164,13 +165,16 @@ def _move(group: Group, request: LoadRequest, order: LoadOrder, plan, device: to
         reader.close()
 
 
-def _file_guard(root: str, files: tuple, order: LoadOrder) -> Any:
+def _file_guard(root: str, files: tuple, order: LoadOrder, planner_node: bool = True) -> Any:
     """The node-shared transport maps local files: their identities, checked before every step
-    that touches the mapped pages (see workers.file_guard), and again before materialize."""
+    that touches the mapped pages (see workers.file_guard), and again before materialize.
+    Inodes are compared with rank 0's only on rank 0's node (``planner_node``): other nodes'
+    mounts of shared storage may number the same file differently."""
     if root.startswith("s3://"):
         return None
     from weightcast.workers.file_guard import FileGuard
-    planned = order.file_ids if order.local_stamps is None else None  # node-local: other copies
+    same_mount = order.local_stamps is None and planner_node  # node-local: other copies
+    planned = order.file_ids if same_mount else None
     guard = FileGuard(root, files, planned)
     guard.snapshot()
     return guard
