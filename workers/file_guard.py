@@ -85,17 +85,18 @@ class FileGuard:
 
 
 def check_backed(tensors: Iterable[Any]) -> None:
-    """``MADV_POPULATE_READ`` over the memory of every CPU tensor (each storage once): a page a
+    """``MADV_POPULATE_READ`` over the bytes of every CPU tensor (each span once): a page a
     touch would fault on (its file was truncated) is a StorageError naming the file."""
-    seen: set[int] = set()
+    seen: set[tuple[int, int]] = set()
     for t in tensors:
         if getattr(t, "device", None) is None or t.device.type != "cpu" or t.is_meta:
             continue
-        storage = t.untyped_storage()
-        ptr, size = storage.data_ptr(), storage.nbytes()
-        if not size or ptr in seen:
+        # the tensor's own bytes only: its storage may be a whole file's mapping, and populating
+        # the rest would read from storage what other nodes read (and stage) for this one
+        ptr, size = t.data_ptr(), _extent(t)
+        if not size or (ptr, size) in seen:
             continue
-        seen.add(ptr)
+        seen.add((ptr, size))
         start = ptr - ptr % _PAGE
         if _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(ptr + size - start), _MADV_POPULATE_READ) != 0:
             err = ctypes.get_errno()
@@ -104,6 +105,14 @@ def check_backed(tensors: Iterable[Any]) -> None:
             raise StorageError("A loaded tensor's pages are no longer backed by its checkpoint file",
                                where=_mapped_file(ptr) or f"memory at {ptr:#x}", got=os.strerror(err),
                                expected="every page of the file mapped at the start of the load", fix=_FIX)
+
+
+def _extent(t: Any) -> int:
+    """Bytes from a tensor's first element to just past its last one (strides included)."""
+    if t.numel() == 0:
+        return 0
+    last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    return (last + 1) * t.element_size()
 
 
 def _mapped_file(addr: int) -> str | None:
