@@ -234,6 +234,8 @@ def check_utf8_names(raw: bytes, names: Any, file_name: str, what: str) -> None:
     if _SURROGATE_ESCAPE.search(raw) is None:
         return
     for name in names:
+        if not isinstance(name, str):  # the type checks that follow name the value
+            continue
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:
