@@ -17,7 +17,7 @@ import json
 import os
 import pickle
 import traceback
-from typing import Callable
+from typing import Any, Callable
 
 from weightcast.orchestrator.errors import LoadError, WeightcastError, peer_error
 from weightcast.workers.collectives import (all_gather_bytes, all_gather_on, broadcast_bytes, guarded,
@@ -95,6 +95,21 @@ def coordinate(group: Group, plan_fn: Callable[[], bytes]) -> bytes:
     if blob[:1] == b"E":
         raise pickle.loads(blob[1:])  # noqa: S301 - produced by rank 0 of this load
     return blob[1:]
+
+
+def run_step(group: Group, phase: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on this rank, then :func:`sync_status`: every rank returns ``fn``'s result or
+    every rank raises the first failing rank's error (collective). Ctrl-C of a lone rank is
+    re-raised as it is."""
+    result, error = None, None
+    try:
+        result = fn()
+    except BaseException as exc:  # noqa: BLE001 - reported to every rank by sync_status
+        if isinstance(exc, KeyboardInterrupt) and group.world_size == 1:
+            raise
+        error = exc
+    sync_status(group, phase, error)
+    return result
 
 
 def sync_status(group: Group, phase: str, error: BaseException | None) -> None:

@@ -32,10 +32,10 @@ from typing import Any, Callable
 
 import torch
 
-from weightcast.orchestrator.torch_zip_write import (MemberLayout, StorageSpec, central_directory,
+from weightcast.orchestrator.torch_zip_write import (StorageSpec, central_directory,
                                                      combine_segments, local_header, state_pickle, zip_layout)
 from weightcast.workers.collectives import all_gather_bytes
-from weightcast.workers.coordinator import coordinate, sync_status
+from weightcast.workers.coordinator import coordinate, run_step
 from weightcast.workers.group import Group
 from weightcast.workers.process_group import setup_group, teardown_group
 
@@ -81,13 +81,13 @@ def _save(group: Group, out: str, staging: str, model: Any, optimizer: Any, sche
     save_pretrained(state, staging, max_shard_size=max_shard_size, timeout=timeout, owned=owned, config=config)
     job = _OptimizerJob(optimizer, group) if optimizer is not None else None
     if job is not None:
-        _step(group, "prepare", lambda: job.create(staging) if group.rank == 0 else None)
-        _step(group, "write", lambda: (hook("optimizer", group.rank), job.write(staging)))
+        run_step(group, "prepare", lambda: job.create(staging) if group.rank == 0 else None)
+        run_step(group, "write", lambda: (hook("optimizer", group.rank), job.write(staging)))
         segments = [json.loads(b) for b in all_gather_bytes(group, json.dumps(job.segments).encode())]
-        _step(group, "finish", lambda: job.finish(staging, segments) if group.rank == 0 else None)
-    _step(group, "small files", lambda: _small_files(group, staging, scheduler, scaler, trainer_state, rng))
+        run_step(group, "finish", lambda: job.finish(staging, segments) if group.rank == 0 else None)
+    run_step(group, "small files", lambda: _small_files(group, staging, scheduler, scaler, trainer_state, rng))
     hook("commit", group.rank)
-    _step(group, "commit", lambda: _commit(staging, out) if group.rank == 0 else None)
+    run_step(group, "commit", lambda: _commit(staging, out) if group.rank == 0 else None)
 
 
 def _weights(model: torch.nn.Module) -> tuple[Any, Any, dict | None]:
@@ -109,18 +109,6 @@ def _weights(model: torch.nn.Module) -> tuple[Any, Any, dict | None]:
         tensors[name] = t.detach()
     config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else None
     return tensors, {n: owned.get(n) for n in tensors}, config
-
-
-def _step(group: Group, name: str, fn: Callable[[], Any]) -> Any:
-    result, error = None, None
-    try:
-        result = fn()
-    except BaseException as exc:  # noqa: BLE001 - reported to every rank by sync_status
-        if isinstance(exc, KeyboardInterrupt) and group.world_size == 1:
-            raise
-        error = exc
-    sync_status(group, name, error)
-    return result
 
 
 class _OptimizerJob:

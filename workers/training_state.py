@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from weightcast.orchestrator.errors import CheckpointNotFoundError, ConfigError
-from weightcast.workers.coordinator import coordinate, gather_facts, sync_status
+from weightcast.workers.coordinator import coordinate, gather_facts, run_step
 from weightcast.workers.group import Group
 from weightcast.workers.process_group import setup_group, teardown_group
 from weightcast.workers.training_files import apply_rng, find_files, load_small_files
@@ -104,11 +104,11 @@ def _resume(group: Group, checkpoint_dir: str, model: Any, loaded: dict | None, 
             "scaler": scaler is not None, "rng": rng == "restore"}
     payload = json.loads(coordinate(group, lambda: json.dumps(
         _plan_on_rank0(checkpoint_dir, want, layouts, all_facts, transport), separators=(",", ":")).encode()))
-    state = _phase(group, "transfer", lambda: _move_optimizer(group, payload, device, threads))
+    state = run_step(group, "transfer", lambda: _move_optimizer(group, payload, device, threads))
     stats = state.pop("__stats__") if state is not None else None
-    small = _phase(group, "read", lambda: load_small_files(payload["files"], group.rank, want))
+    small = run_step(group, "read", lambda: load_small_files(payload["files"], group.rank, want))
     meta = payload["optimizer"]
-    _phase(group, "materialize", lambda: apply_all(model, loaded, optimizer, state, meta, scheduler, scaler, small))
+    run_step(group, "materialize", lambda: apply_all(model, loaded, optimizer, state, meta, scheduler, scaler, small))
     if want["rng"]:
         apply_rng(small.get("rng"))
     if stats is not None:
@@ -120,18 +120,6 @@ def _gather_stats(group: Group, stats: dict) -> list[dict]:
     """Every rank's optimizer byte counts, in rank order (collective)."""
     from weightcast.workers.collectives import all_gather_bytes
     return [json.loads(b) for b in all_gather_bytes(group, json.dumps(stats).encode(), "the report")]
-
-
-def _phase(group: Group, name: str, fn: Any) -> Any:
-    result, error = None, None
-    try:
-        result = fn()
-    except BaseException as exc:  # noqa: BLE001 - reported to every rank by sync_status
-        if isinstance(exc, KeyboardInterrupt) and group.world_size == 1:
-            raise
-        error = exc
-    sync_status(group, name, error)
-    return result
 
 
 def _plan_on_rank0(checkpoint_dir: str, want: dict, layouts: Any, facts: list[dict], transport: str) -> dict:
