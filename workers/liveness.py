@@ -55,6 +55,7 @@ class Liveness:
         self._verdict: LoadError | None = None
         self._info: dict | None = None
         self._quiet: tuple[int, float] = (-1, 0.0)  # the most silent peer and for how long (hub's view)
+        self._hub_heard: float | None = None  # when this rank last heard the hub (monotonic; not on rank 0)
         self._done = threading.Event()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -80,7 +81,13 @@ class Liveness:
     def quiet_peer(self) -> tuple[int, float]:
         """(rank, seconds) of the peer heard least recently, as last reported by the hub, counted
         only when that peer may be stuck (its process is stopped, or it runs on another host;
-        0 seconds otherwise)."""
+        0 seconds otherwise). A silent hub reports nothing: then rank 0 itself, for as long as
+        this rank has not heard it, when its process may be stuck."""
+        heard = self._hub_heard
+        if heard is not None:
+            silent = time.monotonic() - heard
+            if silent > self._quiet[1] and silent > 2 * PERIOD and silent_process(self._hub_process) is not None:
+                return (0, silent)
         return self._quiet
 
     def wait_verdict(self, seconds: float) -> LoadError | None:
@@ -286,6 +293,7 @@ def _client(live: Liveness, sock: socket.socket) -> None:
     """A rank's thread: heartbeat to the hub, hear the hub, adopt its verdicts."""
     sock.settimeout(_TICK)
     heard, buffer, next_beat = time.monotonic(), b"", 0.0
+    live._hub_heard = heard
     try:
         while not live._done.is_set():
             now = time.monotonic()
@@ -307,7 +315,7 @@ def _client(live: Liveness, sock: socket.socket) -> None:
                 return
             now = time.monotonic()
             if data:
-                heard = now
+                heard = live._hub_heard = now
                 buffer += data
                 *lines, buffer = buffer.split(b"\n")
                 if _client_lines(live, lines):
