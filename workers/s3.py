@@ -14,6 +14,7 @@ not collective.
 """
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -97,17 +98,22 @@ def make_client(options: S3Options, pool: int):
                           aws_session_token=options.aws_session_token, config=config)
 
 
-_CLIENTS: dict[S3Options, Any] = {}
+_CLIENTS: dict[tuple, Any] = {}
 _CLIENTS_LOCK = threading.Lock()
+_BOTO_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+             "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def client_for(options: S3Options) -> Any:
-    """One boto3 client per process and options (creating one costs ~0.3-0.9 s here: imports,
-    service model), pooled for ``2 * concurrency + 4`` connections; thread-safe."""
+    """One boto3 client per process, options and the AWS variables boto3 reads when it builds one
+    (creating one costs ~0.3-0.9 s here: imports, service model), pooled for
+    ``2 * concurrency + 4`` connections; thread-safe. A later load in the same process with another
+    endpoint or other credentials in the environment gets its own client, never a stale one."""
+    key = (options, tuple(os.environ.get(name) for name in _BOTO_ENV))
     with _CLIENTS_LOCK:
-        client = _CLIENTS.get(options)
+        client = _CLIENTS.get(key)
         if client is None:
-            client = _CLIENTS[options] = make_client(options, 2 * options.concurrency + 4)
+            client = _CLIENTS[key] = make_client(options, 2 * options.concurrency + 4)
         return client
 
 
