@@ -21,7 +21,7 @@ from weightcast.workers.coordinator import coordinate, gather_facts
 from weightcast.workers.group import Group
 from weightcast.workers.process_group import setup_group, teardown_group
 from weightcast.workers.execute import execute_plan, plan_on_rank0, resolve_node_local
-from weightcast.workers.finish import LoadingInfo
+from weightcast.workers.loading_info import LoadingInfo
 from weightcast.workers.finish import report as report_loading
 from weightcast.workers.materialize import resolve_dtype
 from weightcast.workers.hf_model import is_hf_class

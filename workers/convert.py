@@ -155,18 +155,3 @@ def raise_mismatched(info: Any) -> None:
                                  expected=f"shape {tuple(want)}", got=f"shape {tuple(got)}",
                                  fix="check that the checkpoint and config.json belong together (a new head "
                                      "size: pass ignore_mismatched_sizes=True to initialise it anew)")
-
-
-def model_targets(request: Any, src: Any, names: list[str]) -> dict[str, str]:
-    """Rank 0: ``{checkpoint key: parameter}`` where transformers' mapping renames the key (for a
-    model spread over ranks, so each rank knows which parameters it holds); empty for models that
-    are not transformers models."""
-    from weightcast.workers.materialize import build_skeleton
-    if request.model is None:
-        return {}
-    module = build_skeleton(request.model, src.config, request.trust_remote_code, root=src.root,
-                            source=request.source, overrides=getattr(request, "model_kwargs", None) or {})
-    if not is_transformers_model(module):
-        return {}
-    mapped = map_checkpoint_keys(module, names, request.key_mapping)
-    return {key: target for key, (target, _) in mapped.items() if target != key}

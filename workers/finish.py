@@ -14,35 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from weightcast.orchestrator.errors import LoadError, ModelMismatchError
 from weightcast.workers.convert import is_transformers_model
+from weightcast.workers.loading_info import LoadingInfo, ignorable, keys_mismatch
 
 log = logging.getLogger("weightcast")
-
-
-@dataclass
-class LoadingInfo:
-    """What ``from_pretrained(output_loading_info=True)`` reports, with its field names."""
-    missing_keys: set[str] = field(default_factory=set)
-    unexpected_keys: set[str] = field(default_factory=set)
-    mismatched_keys: set[tuple] = field(default_factory=set)
-    error_msgs: list[str] = field(default_factory=list)
-    conversion_errors: dict[str, str] = field(default_factory=dict)
-    skipped_pp_keys: set[str] = field(default_factory=set)
-
-    def missing_and_mismatched(self) -> set[str]:
-        return self.missing_keys | {k[0] for k in self.mismatched_keys}
-
-    def to_dict(self) -> dict:
-        """The dict ``from_pretrained(output_loading_info=True)`` returns."""
-        return {"missing_keys": set(self.missing_keys), "unexpected_keys": set(self.unexpected_keys),
-                "mismatched_keys": set(self.mismatched_keys), "error_msgs": list(self.error_msgs)}
 
 
 @dataclass
@@ -125,8 +106,7 @@ def _materialize_missing(module: torch.nn.Module, names: set[str], opts: FinishO
 def _finish_plain(module: torch.nn.Module, info: LoadingInfo, opts: FinishOptions) -> None:
     """A model that is not a transformers model: missing parameters get their module's
     ``reset_parameters`` (the loaded parameters of that module are kept), seeded."""
-    from weightcast.workers.materialize import _ignorable
-    info.unexpected_keys = {k for k in info.unexpected_keys if not _ignorable(module, k)}
+    info.unexpected_keys = {k for k in info.unexpected_keys if not ignorable(module, k)}
     if opts.strict and info.missing_keys:
         return  # refused by check_strict: nothing to initialise
     by_module: dict[str, list[str]] = {}
@@ -160,13 +140,9 @@ def check_strict(info: LoadingInfo) -> None:
     """``strict=True``: the checkpoint must fill the model exactly (after ties and the model's
     ignore patterns; mismatched shapes were refused before, unless ``ignore_mismatched_sizes``)."""
     if info.missing_keys or info.unexpected_keys:
-        missing, unexpected = sorted(info.missing_keys), sorted(info.unexpected_keys)
-        raise ModelMismatchError("The checkpoint does not match the model",
-                                 where=f"{len(missing)} missing, {len(unexpected)} unexpected keys",
-                                 expected=f"no missing keys (missing: {missing[:10]})",
-                                 got=f"unexpected keys: {unexpected[:10]}",
-                                 fix="use the matching config / model class, or pass strict=False "
-                                     "(missing modules are then initialised as from_pretrained does)")
+        raise keys_mismatch(sorted(info.missing_keys), sorted(info.unexpected_keys),
+                            fix="use the matching config / model class, or pass strict=False "
+                                "(missing modules are then initialised as from_pretrained does)")
 
 
 def assert_no_meta(module: torch.nn.Module, owns: Callable[[str], bool]) -> None:

@@ -16,6 +16,8 @@ from typing import Any, Callable
 import torch
 
 from weightcast.orchestrator.errors import ConfigError, ModelMismatchError
+from weightcast.workers.convert import is_transformers_model, load_into_model
+from weightcast.workers.loading_info import LoadingInfo, ignorable, keys_mismatch
 
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -131,11 +133,10 @@ def _need_transformers() -> None:
         raise ConfigError("model='auto' needs transformers", fix="pip install 'weightcast[hf]'") from exc
 
 
-def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor]):
+def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> LoadingInfo:
     """Assign ``tensors`` (named as the model names its parameters) into the meta skeleton.
-    Returns the :class:`~weightcast.workers.finish.LoadingInfo` (missing / unexpected keys).
+    Returns the :class:`~weightcast.workers.loading_info.LoadingInfo` (missing / unexpected keys).
     Raises ModelMismatchError for a shape mismatch (from_pretrained raises too)."""
-    from weightcast.workers.finish import LoadingInfo
     expected = module.state_dict(keep_vars=True)
     for name, t in tensors.items():
         if name in expected and tuple(expected[name].shape) != tuple(t.shape):
@@ -153,7 +154,6 @@ def assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *, strict:
     unexpected keys. A transformers model goes through transformers' own key mapping
     (:func:`weightcast.workers.convert.load_into_model`); the loading info is kept as
     ``module.loading_info``."""
-    from weightcast.workers.convert import is_transformers_model
     if is_transformers_model(module):
         return _assign_converted(module, tensors, strict=strict, device=device, key_mapping=key_mapping,
                                  progress=progress)
@@ -169,7 +169,6 @@ def assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *, strict:
 
 def _assign_converted(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *, strict: bool,
                       device: torch.device, key_mapping: dict | None, progress: bool) -> torch.nn.Module:
-    from weightcast.workers.convert import load_into_model
     info = load_into_model(module, tensors, key_mapping=key_mapping, progress=progress)
     if hasattr(module, "tie_weights"):
         module.tie_weights()
@@ -187,25 +186,11 @@ def check_keys(module: torch.nn.Module, unexpected: list[str], strict: bool) -> 
     on meta); with ``strict`` no checkpoint key may be unknown to the model either (saved
     non-persistent buffers excepted, as from_pretrained ignores them)."""
     missing = [k for k, v in module.state_dict(keep_vars=True).items() if v.is_meta]
-    unexpected = [k for k in unexpected if not _ignorable(module, k)]
+    unexpected = [k for k in unexpected if not ignorable(module, k)]
     if missing or (strict and unexpected):
-        raise ModelMismatchError("The checkpoint does not match the model",
-                                 where=f"{len(missing)} missing, {len(unexpected)} unexpected keys",
-                                 expected=f"no missing keys (missing: {missing[:10]})",
-                                 got=f"unexpected keys: {unexpected[:10]}",
-                                 fix="use the matching config / model class, or pass strict=False with "
-                                     "device_map='replicate' or 'auto' (missing modules are initialised there)")
-
-
-def _ignorable(module: torch.nn.Module, key: str) -> bool:
-    """A checkpoint key the model does not load, as from_pretrained ignores it: a non-persistent
-    buffer the model computes itself (e.g. BERT's ``position_ids`` saved by older versions), or
-    a name matching the class's ``_keys_to_ignore_on_load_unexpected`` patterns."""
-    import re
-    if key in dict(module.named_buffers()):
-        return True
-    patterns = getattr(module, "_keys_to_ignore_on_load_unexpected", None) or []
-    return any(re.search(p, key) for p in patterns)
+        raise keys_mismatch(missing, unexpected,
+                            fix="use the matching config / model class, or pass strict=False with "
+                                "device_map='replicate' or 'auto' (missing modules are initialised there)")
 
 
 def guard_no_init(fn: Callable) -> Callable:

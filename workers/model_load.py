@@ -15,7 +15,8 @@ import torch
 from weightcast.orchestrator.errors import ModelMismatchError
 from weightcast.orchestrator.order import LoadOrder
 from weightcast.workers.convert import is_transformers_model
-from weightcast.workers.finish import FinishOptions, LoadingInfo, finish_model
+from weightcast.workers.finish import FinishOptions, finish_model
+from weightcast.workers.loading_info import LoadingInfo
 from weightcast.workers.hf_model import cast_for_model, dtype_for, dtype_plan, load_generation_config
 from weightcast.workers.materialize import build_skeleton, load_into, resolve_dtype
 

@@ -32,8 +32,19 @@ class WorkerHooks:
         return first_float_dtype(index)
 
     def model_targets(self, request: LoadRequest, src: Any, names: list[str]) -> dict[str, str]:
-        from weightcast.workers.convert import model_targets
-        return model_targets(request, src, names)
+        """``{checkpoint key: parameter}`` where transformers' mapping renames the key (for a
+        model spread over ranks, so each rank knows which parameters it holds); empty for models
+        that are not transformers models."""
+        from weightcast.workers.convert import is_transformers_model, map_checkpoint_keys
+        from weightcast.workers.materialize import build_skeleton
+        if request.model is None:
+            return {}
+        module = build_skeleton(request.model, src.config, request.trust_remote_code, root=src.root,
+                                source=request.source, overrides=getattr(request, "model_kwargs", None) or {})
+        if not is_transformers_model(module):
+            return {}
+        mapped = map_checkpoint_keys(module, names, request.key_mapping)
+        return {key: target for key, (target, _) in mapped.items() if target != key}
 
     def open_object(self, request: LoadRequest) -> tuple[Any, Any]:
         from weightcast.workers.s3 import open_checkpoint
