@@ -61,7 +61,7 @@ def _open_tensors(index, file: str, storage_options: dict | None):
 
     import torch
     from weightcast.orchestrator.object_source import parse_object_url
-    from weightcast.orchestrator.safetensors_format import torch_dtype
+    from weightcast.orchestrator.safetensors_dtypes import torch_dtype
     from weightcast.workers.s3 import S3Options, S3Store
     url = parse_object_url(index.root)
     store = S3Store(url.bucket, S3Options.from_dict(storage_options), deadline=time.monotonic() + 120)

@@ -136,7 +136,7 @@ def _plan_order(request: LoadRequest, cluster: ClusterSpec, hooks: ModelHooks, s
                 load_id: str, gap_bytes: int) -> LoadOrder:
     from weightcast.orchestrator.device_map import build_device_map
     from weightcast.orchestrator.planner import PlanOptions, plan_load
-    from weightcast.orchestrator.safetensors_format import check_loadable_dtypes
+    from weightcast.orchestrator.safetensors_dtypes import check_loadable_dtypes
     check_loadable_dtypes(index.tensors)
     model_tp = None
     if isinstance(request.device_map, str) and request.device_map == "tp":

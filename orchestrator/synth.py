@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from weightcast.orchestrator.checkpoint import CheckpointIndex, load_index
 from weightcast.orchestrator.errors import ConfigError
-from weightcast.orchestrator.safetensors_format import tensor_nbytes
+from weightcast.orchestrator.safetensors_dtypes import tensor_nbytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ def torch_dtype(code: str) -> torch.dtype:
     """The torch dtype of a safetensors dtype code (``"BF16"`` -> ``torch.bfloat16``), cached."""
     found = _DTYPES.get(code)
     if found is None:
-        from weightcast.orchestrator.safetensors_format import torch_dtype as lookup
+        from weightcast.orchestrator.safetensors_dtypes import torch_dtype as lookup
         found = _DTYPES[code] = lookup(code)
     return found
 
