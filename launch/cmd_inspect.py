@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+from weightcast.launch.cli_args import add_storage_option, human_bytes, parse_storage_options
 from weightcast.orchestrator.checkpoint import CheckpointIndex
 
 
@@ -28,8 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", help="HF cache directory (default: huggingface_hub's)")
     p.add_argument("--local-files-only", action="store_true", help="never touch the network")
     p.add_argument("--top", type=int, default=10, help="largest tensors to list (default 10)")
-    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                   help="s3:// sources: a storage_options entry (e.g. endpoint_url=..., region_name=...)")
+    add_storage_option(p, "s3:// sources: a storage_options entry (e.g. endpoint_url=..., region_name=...)")
     p.set_defaults(func=run_inspect)
 
     s = subparsers.add_parser("synth", help="write a synthetic Llama-shaped checkpoint",
@@ -43,16 +43,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--random", action="store_true", help="write random data (tiny, llama-1b)")
     s.add_argument("--seed", type=int, default=0, help="seed of --random")
     s.set_defaults(func=run_synth)
-
-
-def human_bytes(n: int) -> str:
-    """1234567 -> '1.23 MB' (decimal units, as the hub shows sizes)."""
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1000
-    return f"{n} B"  # pragma: no cover
 
 
 def dtype_bytes(index: CheckpointIndex) -> dict[str, int]:
@@ -103,7 +93,7 @@ def _print_summary(summary: dict[str, Any], top: int, seconds: float) -> None:
         out(f"  {code:<8} {human_bytes(n):>10}  {100 * n / max(total, 1):5.1f}%\n")
     largest = sorted(summary["tensors"], key=lambda t: (-t["length"], t["name"]))[:max(top, 0)]
     if largest:
-        out(f"largest tensors:\n")
+        out("largest tensors:\n")
         for t in largest:
             out(f"  {t['name']}  {t['dtype']}{t['shape']}  {human_bytes(t['length'])}  ({t['file']})\n")
     if summary["metadata"]:
@@ -112,7 +102,6 @@ def _print_summary(summary: dict[str, Any], top: int, seconds: float) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from weightcast.launch.cmd_load import parse_storage_options
     from weightcast.workers.s3 import resolve_and_index
     start = time.perf_counter()
     source, index = resolve_and_index(args.source, storage_options=parse_storage_options(args.storage_option),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 
+from weightcast.launch.cli_args import add_storage_option, parse_storage_options
 from weightcast.orchestrator.errors import LoadError
 
 
@@ -27,30 +27,8 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true", help="compare every owned tensor with safetensors, bit for bit")
     p.add_argument("--verify-checksums", action="store_true",
                    help="check each owned tensor against the crc32 the checkpoint's metadata records")
-    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                   help="s3:// sources: a storage_options entry (endpoint_url, region_name, profile_name, "
-                        "request_bytes, concurrency, max_attempts, ...); repeatable")
-
-
-def parse_storage_options(items: list[str] | None) -> dict | None:
-    """``["KEY=VALUE", ...]`` -> a storage_options dict (integers and floats converted)."""
-    from weightcast.orchestrator.errors import ConfigError
-    if not items:
-        return None
-    out: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError("A --storage-option is not KEY=VALUE", got=repr(item), fix="e.g. --storage-option "
-                              "endpoint_url=http://127.0.0.1:8333")
-        for kind in (int, float):
-            try:
-                value = kind(value)
-                break
-            except ValueError:
-                pass
-        out[key.strip()] = value
-    return out
+    add_storage_option(p, "s3:// sources: a storage_options entry (endpoint_url, region_name, profile_name, "
+                          "request_bytes, concurrency, max_attempts, ...); repeatable")
 
 
 def job_args(args: argparse.Namespace) -> dict:

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any
 
+from weightcast.launch.cli_args import add_storage_option, human_bytes, parse_storage_options
 from weightcast.orchestrator.errors import ConfigError
 
 MAX_TABLE_ROWS = 64
@@ -53,8 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", help="branch, tag or commit (HF repos)")
     p.add_argument("--cache-dir", help="HF cache directory (default: huggingface_hub's)")
     p.add_argument("--local-files-only", action="store_true", help="never touch the network")
-    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                   help="s3:// sources: a storage_options entry (e.g. endpoint_url=..., region_name=...)")
+    add_storage_option(p, "s3:// sources: a storage_options entry (e.g. endpoint_url=..., region_name=...)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accept a config.json that asks for remote code (as a load with trust_remote_code=True)")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle weights (they have no plan)")
@@ -111,7 +111,6 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     load runs on rank 0: it refuses what a load refuses) on the cluster the options describe;
     returns the pieces and ``plan_seconds``, the whole step's wall time (resolving the source,
     the checks, the model's own tp plan when there is one, the device map and the plan)."""
-    from weightcast.launch.cmd_load import parse_storage_options
     from weightcast.orchestrator.cluster import parse_bytes
     from weightcast.orchestrator.prepare import prepare_with_index
     from weightcast.orchestrator.request import LoadRequest
@@ -205,7 +204,7 @@ def _write(path: str, data: bytes) -> None:
 
 
 def print_summary(s: dict[str, Any]) -> None:
-    from weightcast.launch.cmd_inspect import human_bytes as hb
+    hb = human_bytes  # the table is wide: a short name
     out = sys.stdout.write
     out(f"checkpoint: {s['source']}\n")
     out(f"cluster: {s['cluster']}: {s['world_size']} ranks on {s['nodes']} node(s), "

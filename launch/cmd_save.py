@@ -12,6 +12,8 @@ import shutil
 import tempfile
 import time
 
+from weightcast.launch.cli_args import add_storage_option
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("save", help="load a checkpoint on N local ranks and save it back sharded, atomically")
@@ -29,8 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (converted to safetensors)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck rank fails the save")
-    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                   help="s3:// source or output: a storage_options entry; repeatable")
+    add_storage_option(p, "s3:// source or output: a storage_options entry; repeatable")
     p.set_defaults(func=run_save)
 
 
@@ -41,7 +42,7 @@ def run_save(args: argparse.Namespace) -> int:
     check_nproc(args.nproc)
     check_cli_options(args)
     parse_shard_size(args.max_shard_size)  # a bad size fails here, before any rank starts
-    from weightcast.launch.cmd_load import parse_storage_options
+    from weightcast.launch.cli_args import parse_storage_options
     from weightcast.orchestrator.object_source import is_object_url, parse_object_url
     options = parse_storage_options(args.storage_option)
     upload_to = args.out if is_object_url(args.out) else None

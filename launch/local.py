@@ -99,7 +99,7 @@ def spawn(nproc: int, fn: str, args: dict, *, timeout: float = 600.0, nodes: lis
         stopped = _wait(procs, timeout, grace)
         results = [_result(tmp, rank, p, rank in stopped) for rank, p in enumerate(procs)]
     finally:
-        _stop(procs)
+        stop_process_groups(procs)
         shutil.rmtree(tmp, ignore_errors=True)
     if any(r.returncode < 0 for r in results):
         _reclaim_staging()  # areas a killed rank held: no live process holds them any more
@@ -129,13 +129,15 @@ def _wait(procs: list[subprocess.Popen], timeout: float, grace: float) -> set[in
             failed, deadline = True, min(deadline, now + grace)
         if now >= deadline:
             alive = {r for r, c in enumerate(codes) if c is None}
-            _stop(procs)
+            stop_process_groups(procs)
             return alive
         time.sleep(POLL_S)
 
 
-def _stop(procs: list[subprocess.Popen], term_s: float = 1.0) -> None:
-    """SIGTERM every live rank's process group, SIGKILL what is left after ``term_s``, reap all."""
+def stop_process_groups(procs: list[subprocess.Popen], term_s: float = 1.0) -> None:
+    """SIGTERM the process group of every live process (each started with
+    ``start_new_session=True``), SIGKILL what is left after ``term_s``, reap all. Also used by the
+    emulated-cluster benchmark harness for its node processes."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         live = [p for p in procs if p.poll() is None]
         for p in live:

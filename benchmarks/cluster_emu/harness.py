@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import time
 from benchmarks.cluster_emu import netns, storage
 from benchmarks.cluster_emu.loaders import LOADERS
 from benchmarks.cluster_emu.topology import EmulationError, Topology
+from weightcast.launch.local import stop_process_groups
 
 REPO_ROOT = storage.REPO_ROOT
 
@@ -101,7 +101,7 @@ def launch(topo: Topology, module: str, rank_args: list[str], *, log_stem: str, 
                 time.sleep(0.5)
         codes = _wait_all(procs, start + timeout)
     finally:
-        _stop_all(procs)
+        stop_process_groups(procs, term_s=5)
         for log in logs:
             log.close()
     return codes, time.monotonic() - start
@@ -152,26 +152,12 @@ def _wait_all(procs: list[subprocess.Popen], deadline: float) -> list[int]:
             return codes  # type: ignore[return-value]
         if any(c not in (None, 0) for c in codes):
             time.sleep(2)
-            _stop_all(procs)
+            stop_process_groups(procs, term_s=5)
             return [p.wait() for p in procs]
         if time.monotonic() > deadline:
-            _stop_all(procs)
+            stop_process_groups(procs, term_s=5)
             return [p.wait() for p in procs]
         time.sleep(0.1)
-
-
-def _stop_all(procs: list[subprocess.Popen], grace: float = 5) -> None:
-    """SIGTERM each node's process group (torchrun forwards it to its ranks), then SIGKILL."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        live = [p for p in procs if p.poll() is None]
-        for p in live:
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while any(p.poll() is None for p in live) and time.monotonic() < deadline:
-            time.sleep(0.05)
 
 
 def _log_tail(stem: str, topo: Topology, lines: int = 12) -> str:
