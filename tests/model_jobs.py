@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -46,9 +47,29 @@ def pipeline_logits(args: dict) -> dict:
     from weightcast.workers.api import load_pretrained
     model = load_pretrained(args["source"], model="auto", device_map="auto", dtype="auto",
                             max_memory=args.get("max_memory"), timeout=60)
+    owners, h = run_pipeline(model, _owns, args["shape"], getattr(torch, args["dtype"]))
+    rank, last = dist.get_rank(), owners[-1]
+    result = {"owners": owners, "hf_device_map": getattr(model, "hf_device_map", None)}
+    if rank == last and rank != 0:
+        dist.send(h.contiguous(), 0)
+    if rank == 0:
+        if last != 0:
+            h = torch.empty(args["logits_shape"], dtype=getattr(torch, args["dtype"]))
+            dist.recv(h, last)
+        ref = _reference_logits(args["source"], "LlamaForCausalLM")
+        result.update(equal=bool(torch.equal(h, ref)), max_diff=float((h.float() - ref.float()).abs().max()))
+    return result
+
+
+def run_pipeline(model: torch.nn.Module, holds: Callable[[torch.nn.Module], bool], hidden_shape: list[int],
+                 dtype: torch.dtype) -> tuple[list[int], torch.Tensor | None]:
+    """Every rank (collective): run a Llama as a pipeline over the ranks on ``IDS``: each stage
+    (embeddings, each layer, norm, head) on the lowest rank that ``holds`` it, hidden states
+    (``hidden_shape``, ``dtype``) sent between ranks. -> the owner of each stage, and this rank's
+    last output (the logits on the rank owning the head)."""
     inner = model.model
     stages = [inner.embed_tokens, *inner.layers, inner.norm, model.lm_head]
-    flags = torch.tensor([1 if _owns(s) else 0 for s in stages], dtype=torch.int64)
+    flags = torch.tensor([int(holds(s)) for s in stages], dtype=torch.int64)
     world, rank = dist.get_world_size(), dist.get_rank()
     everyone = [torch.zeros_like(flags) for _ in range(world)]
     dist.all_gather(everyone, flags)
@@ -63,22 +84,11 @@ def pipeline_logits(args: dict) -> dict:
                 if rank == prev:
                     dist.send(h.contiguous(), owner)
                 elif rank == owner:
-                    h = torch.empty(args["shape"], dtype=getattr(torch, args["dtype"]))
+                    h = torch.empty(hidden_shape, dtype=dtype)
                     dist.recv(h, prev)
-            if rank != owner:
-                continue
-            h = _run_stage(inner, stage, i, ids, position_ids, h)
-    last = owners[-1]
-    result = {"owners": owners, "hf_device_map": getattr(model, "hf_device_map", None)}
-    if rank == last and rank != 0:
-        dist.send(h.contiguous(), 0)
-    if rank == 0:
-        if last != 0:
-            h = torch.empty(args["logits_shape"], dtype=getattr(torch, args["dtype"]))
-            dist.recv(h, last)
-        ref = _reference_logits(args["source"], "LlamaForCausalLM")
-        result.update(equal=bool(torch.equal(h, ref)), max_diff=float((h.float() - ref.float()).abs().max()))
-    return result
+            if rank == owner:
+                h = _run_stage(inner, stage, i, ids, position_ids, h)
+    return owners, h
 
 
 def _run_stage(inner, stage, i: int, ids, position_ids, h):
