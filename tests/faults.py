@@ -14,6 +14,14 @@ be hit while the others run normally:
 - ``WC_FAULT=stop@rank:phase``: the rank SIGSTOPs itself (alive, silent).
 - ``WC_FAULT=truncate@rank:phase`` truncates to ``WC_TRUNCATE_TO`` bytes when set;
   ``rewrite-same`` / ``replace`` flip a byte in place / through a rename, restoring size and mtime.
+  The change is made by a writer process (:func:`start_writer`): the load's read leases make
+  a truncation or an open for writing wait, so the rank goes on once the writer finished or
+  is blocked by a lease of its own.
+- ``WC_FAULT=writer-truncate@rank:phase`` / ``writer-open@rank:phase``: the same writer
+  (``os.truncate`` to ``WC_TRUNCATE_TO``, or ``open(path, "r+b")`` and one byte flipped),
+  without the barrier: only that rank waits for it (e.g. at ``materialize-checked``, the
+  moment between the file guard's checks and the first touch of the mapped pages).
+- ``WC_NO_LEASES=1``: :func:`load_scenario` turns the file leases off (what they prevent).
 - ``WC_READ=kind@rank`` for :func:`reader_factory`; kinds in :class:`FaultReader`.
   ``WC_SLOW_READ=seconds``: every rank sleeps that long before each read (slow storage).
   ``WC_READ_LOG``: a file every read is appended to as a JSON line ``[rank, file, offset, length]``.
@@ -98,6 +106,9 @@ def phase_hook(phase: str, rank: int) -> None:
     if kind in ("rewrite", "truncate", "rewrite-same", "replace") and phase == at:
         _change_file_then_barrier(kind, rank == target)
         return
+    if kind in ("writer-truncate", "writer-open") and (rank, phase) == (target, at):
+        start_writer(kind.split("-")[1], os.environ["WC_FAULT_FILE"])
+        return
     if rank != target or phase != at:
         return
     if kind == "kill":
@@ -129,24 +140,88 @@ def _kill_at_first_data_collective(rank: int, receive_only: bool) -> None:
 
 
 def _change_file_then_barrier(kind: str, mine: bool) -> None:
-    """One rank rewrites (same size, new mtime) or truncates ``WC_FAULT_FILE``; then all wait."""
+    """One rank rewrites (same size, new mtime) or truncates ``WC_FAULT_FILE`` through a writer
+    process; then all wait."""
     import torch.distributed as dist
     if mine:
-        path = os.environ["WC_FAULT_FILE"]
-        if kind == "truncate":  # WC_TRUNCATE_TO: the new size (default: 4 bytes less)
-            os.truncate(path, int(os.environ.get("WC_TRUNCATE_TO", os.path.getsize(path) - 4)))
-        elif kind in ("rewrite-same", "replace"):
-            _rewrite_keeping_size_and_mtime(path, kind == "replace")
-        else:
-            with open(path, "r+b") as fh:
-                data = bytearray(fh.read())
-                data[-1] ^= 0xFF
-                fh.seek(0)
-                fh.write(data)
-            st = os.stat(path)
-            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        start_writer(kind, os.environ["WC_FAULT_FILE"])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+_WRITERS: list[Any] = []  # writer processes this rank started; waited for before it exits
+
+
+def start_writer(kind: str, path: str) -> Any:
+    """Start a process that changes ``path`` (:func:`change_file`), then return once it ended or
+    is blocked by one of this process's read leases on the file (that lease's break is pending)."""
+    import subprocess
+    import sys
+    leased = _my_leases(path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from tests.faults import change_file; change_file(*sys.argv[2:])"
+    size = os.environ.get("WC_TRUNCATE_TO", str(max(0, os.path.getsize(path) - 4)))
+    writer = subprocess.Popen([sys.executable, "-S", "-c", code, root, kind, path, size], stdout=subprocess.PIPE, text=True)
+    _WRITERS.append(writer)
+    deadline = time.monotonic() + 20
+    while writer.poll() is None and not _any_break(leased) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return writer
+
+
+def change_file(kind: str, path: str, size: str) -> None:
+    """In a writer process: change ``path`` as ``kind`` says, then print the wall time it ended."""
+    if kind == "truncate":
+        os.truncate(path, int(size))
+    elif kind in ("rewrite-same", "replace"):
+        _rewrite_keeping_size_and_mtime(path, kind == "replace")
+    else:  # "rewrite" (a new mtime too) or "open" (an in-place writer: one byte flipped)
+        with open(path, "r+b") as fh:
+            fh.seek(-1, os.SEEK_END)
+            last = fh.read(1)
+            fh.seek(-1, os.SEEK_END)
+            fh.write(bytes([last[0] ^ 0xFF]))
+        if kind == "rewrite":
+            st = os.stat(path)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    print(time.time(), flush=True)
+
+
+def _my_leases(path: str) -> list[int]:
+    """This process's descriptors of ``path`` that hold a read lease."""
+    import fcntl
+    real, out = os.path.realpath(path), []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == real and fcntl.fcntl(int(fd), fcntl.F_GETLEASE) == fcntl.F_RDLCK:
+                out.append(int(fd))
+        except OSError:
+            pass
+    return out
+
+
+def _any_break(fds: list[int]) -> bool:
+    import fcntl
+    try:
+        return any(fcntl.fcntl(fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK for fd in fds)
+    except OSError:  # released meanwhile
+        return True
+
+
+def wait_writers(timeout: float = 20.0) -> list[dict]:
+    """Wait for this rank's writers: ``[{"returncode", "done"}]`` (``done``: the wall time the
+    change ended, None if it did not)."""
+    out = []
+    for writer in _WRITERS:
+        try:
+            text, _ = writer.communicate(timeout=timeout)
+        except Exception:  # noqa: BLE001 - a writer still blocked: reported as not done
+            writer.kill()
+            text, _ = writer.communicate()
+        done = text.strip().splitlines()[-1] if text and text.strip() else None
+        out.append({"returncode": writer.returncode, "done": float(done) if done else None})
+    _WRITERS.clear()
+    return out
 
 
 def _rewrite_keeping_size_and_mtime(path: str, replace: bool) -> None:
@@ -256,6 +331,7 @@ class Outcome:
     error_type: str | None = None
     error: str | None = None
     t_error: float | None = None
+    writers: list | None = None  # the writer processes it started (wait_writers)
 
 
 _CTX: Any = None
@@ -336,6 +412,8 @@ def _rank_main(scenario: Callable[[dict], Any], args: dict, env: dict[str, str],
         result["value"] = scenario(args)
     except BaseException as exc:  # noqa: BLE001 - reported to the test
         result.update(error_type=type(exc).__name__, error=str(exc), t_error=time.time())
+    if _WRITERS:
+        result["writers"] = wait_writers()
     tmp = out + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(result, fh, default=str)
@@ -352,7 +430,9 @@ def load_scenario(args: dict) -> dict:
     source = kwargs.pop("source")
     if kwargs.get("model") == "seq":
         kwargs["model"] = seq_model
+    from weightcast.workers import file_lease
     from weightcast.workers.testing import inject
+    file_lease.ENABLED = not os.environ.get("WC_NO_LEASES")
     with inject(phase_hook=phase_hook, reader_factory=reader_factory):
         result = load_pretrained(source, progress=False, **kwargs)
     tensors = result if isinstance(result, dict) else result.state_dict()

@@ -134,6 +134,7 @@ def _load(group: Group, request: LoadRequest) -> tuple[Any, dict | None]:
     report.cross_node_sent, report.cross_node_recv = stats.cross_node_sent, stats.cross_node_recv
     report.staged_bytes = stats.staged_bytes
     report.owned_bytes = stats.owned_bytes
+    report.unleased_files = stats.unleased
     report.seconds = clock.elapsed()
     report.phases = clock.phases
     for name, start, end in stats.events:  # read / transfer / views inside the move phase

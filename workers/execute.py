@@ -96,21 +96,26 @@ def _phase(group: Group, request: LoadRequest, clock: PhaseClock, name: str, fn:
 
 def execute_plan(group: Group, request: LoadRequest, order: LoadOrder, device: torch.device, clock: PhaseClock):
     """Every rank: read and move per the plan, then materialize (collective)."""
-    guards: list = []  # the file guard of a node-shared move, for materialize
-    if order.kind == "pickle":
-        from weightcast.workers.pickle_load import load_pickle
-        tensors = _phase(group, request, clock, "read", lambda: load_pickle(order, request, group))
-        stats, plan = TransferStats(read_bytes=0), None
-    else:
-        plan = order.plan
-        tensors, stats = _phase(group, request, clock, "transfer",
-                                lambda: _verified(_move(group, request, order, plan, device, guards), order, plan,
-                                                  group.rank),
-                                cleanup=lambda: _remove_areas(order))
-    stats.owned_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    owned = owned_of(plan, group.rank) if plan is not None else ()
-    result = _phase(group, request, clock, "materialize",
-                    lambda: _materialize(group, request, order, tensors, device, owned, plan, tuple(guards)))
+    guards: list = []  # the file guard of a node-shared move (its leases held until the end), for materialize
+    try:
+        if order.kind == "pickle":
+            from weightcast.workers.pickle_load import load_pickle
+            tensors = _phase(group, request, clock, "read", lambda: load_pickle(order, request, group))
+            stats, plan = TransferStats(read_bytes=0), None
+        else:
+            plan = order.plan
+            tensors, stats = _phase(group, request, clock, "transfer",
+                                    lambda: _verified(_move(group, request, order, plan, device, guards), order,
+                                                      plan, group.rank),
+                                    cleanup=lambda: _remove_areas(order))
+        stats.owned_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        stats.unleased = {n: why for g in guards for n, why in g.leases.unleased.items()}
+        owned = owned_of(plan, group.rank) if plan is not None else ()
+        result = _phase(group, request, clock, "materialize",
+                        lambda: _materialize(group, request, order, tensors, device, owned, plan, tuple(guards)))
+    finally:
+        for guard in guards:  # a writer waiting on a checkpoint file goes on
+            guard.release()
     return result, stats, plan
 
 
@@ -203,6 +208,15 @@ def _materialize(group: Group, request: LoadRequest, order: LoadOrder, tensors: 
                  plan_owned: tuple = (), plan=None, guards: tuple = ()):
     for guard in guards:  # node-shared views: their files must be unchanged before any touch
         guard.check(tensors)
+    at_phase("materialize-checked", group.rank)
+    result = _materialize_tensors(group, request, order, tensors, device, plan_owned, plan)
+    for guard in guards:  # and no writer waited on them meanwhile: the result is what the files held
+        guard.check()
+    return result
+
+
+def _materialize_tensors(group: Group, request: LoadRequest, order: LoadOrder, tensors: dict,
+                         device: torch.device, plan_owned: tuple = (), plan=None):
     if request.model is None:  # dtype="auto": the tensors as stored, as safetensors' load_file returns them
         dtype = None if request.dtype == "auto" else resolve_dtype(request.dtype, order.config)
         return OwnedTensors(cast_tensors(tensors, dtype), plan_owned)

@@ -2,19 +2,25 @@
 
 The node-shared transport hands out tensors that are views of each rank's private mapping of
 the checkpoint files. Touching a mapped page that a truncation removed kills the process with
-SIGBUS, so before the steps that touch those pages (the private copies made while building
-views, checksums, materialize) every rank checks, for every file it maps:
+SIGBUS, so every rank holds a read lease on every file it maps from the start of the transfer
+until the load returned or failed (:mod:`weightcast.workers.file_lease`: a truncation or an
+open for writing then waits for the load), and before the steps that touch those pages (the
+private copies made while building views, checksums, materialize, and once more at its end)
+every rank checks, for every file it maps:
 
 - that the file at its path is still the one it mapped: same device, inode, size, mtime and
   ctime as when the transfer started (a rename-replace changes the inode; a rewrite, even one
   that restores size and mtime, changes the ctime), the size and mtime being the plan's and
   the inode and ctime those rank 0 saw while planning (shared storage);
 - that every page of the tensors it holds is still backed (``MADV_POPULATE_READ`` over their
-  memory: the kernel answers EFAULT where a touch would raise SIGBUS).
+  memory: the kernel answers EFAULT where a touch would raise SIGBUS);
+- that no lease is being broken (a writer waits): then the leases are released and the load
+  fails.
 
-A file changed between these checks and the touch a few milliseconds later can still fault;
-files changed after the load returned are the caller's (see README, "Failure behaviour").
-Not collective; each rank checks its own mappings.
+On a file the rank could not lease (a file system without leases, a file open for writing,
+not its owner) a change between these checks and the touch a few milliseconds later can still
+fault; files changed after the load returned are the caller's (see README, "Failure
+behaviour"). Not collective; each rank checks its own mappings.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import os
 from typing import Any, Iterable
 
 from weightcast.orchestrator.errors import StorageError
+from weightcast.workers.file_lease import FileLeases
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _MADV_POPULATE_READ = 22  # Linux >= 5.14
@@ -44,24 +51,43 @@ class FileGuard:
         self.stamps = {s.name: s for s in stamps}
         self.planned = planned or {}  # name -> [inode, ctime_ns] rank 0 saw while planning
         self.ids: dict[str, tuple[int, int, int, int, int]] = {}
+        self.leases = FileLeases()
 
     def snapshot(self) -> None:
-        """Record each file's identity (start of the transfer); a size or mtime other than the
-        plan's is already a StorageError."""
-        for name, stamp in self.stamps.items():
-            st = self._stat(name)
-            if (st.st_size, st.st_mtime_ns) != (stamp.size, stamp.mtime_ns):
-                raise self._changed(name, f"size {stamp.size}, mtime_ns {stamp.mtime_ns} (the plan's)",
-                                    f"size {st.st_size}, mtime_ns {st.st_mtime_ns}", "between planning and reading")
-            seen = self.planned.get(name)
-            if seen is not None and [st.st_ino, st.st_ctime_ns] != list(seen):
-                raise self._changed(name, f"inode {seen[0]}, ctime_ns {seen[1]} (when planned)",
-                                    f"inode {st.st_ino}, ctime_ns {st.st_ctime_ns}", "between planning and reading")
-            self.ids[name] = _identity(st)
+        """Take a read lease on each file, then record its identity (start of the transfer); a
+        size or mtime other than the plan's is already a StorageError (the leases released)."""
+        try:
+            for name in self.stamps:
+                self._lease_and_record(name)
+        except BaseException:
+            self.leases.release()
+            raise
+
+    def _lease_and_record(self, name: str) -> None:
+        """Lease ``name`` first (a truncation from then on waits for the load), then stat it:
+        the descriptor leased must be the file at the path, sized and dated as planned."""
+        stamp, when = self.stamps[name], "between planning and reading"
+        fd = self.leases.take(name, os.path.join(self.root, name))
+        st = self._stat(name)
+        if fd is not None and _identity(os.fstat(fd))[:2] != _identity(st)[:2]:
+            raise self._changed(name, "the file leased a moment before", f"inode {st.st_ino}", when)
+        if (st.st_size, st.st_mtime_ns) != (stamp.size, stamp.mtime_ns):
+            raise self._changed(name, f"size {stamp.size}, mtime_ns {stamp.mtime_ns} (the plan's)",
+                                f"size {st.st_size}, mtime_ns {st.st_mtime_ns}", when)
+        seen = self.planned.get(name)
+        if seen is not None and [st.st_ino, st.st_ctime_ns] != list(seen):
+            raise self._changed(name, f"inode {seen[0]}, ctime_ns {seen[1]} (when planned)",
+                                f"inode {st.st_ino}, ctime_ns {st.st_ctime_ns}", when)
+        self.ids[name] = _identity(st)
+
+    def release(self) -> None:
+        """Release the read leases (end of the load, success or failure); idempotent."""
+        self.leases.release()
 
     def check(self, tensors: dict | None = None) -> None:
-        """Raise StorageError naming the first file that changed since :meth:`snapshot`, or a
-        tensor page no longer backed by its file."""
+        """Raise StorageError naming the first file that changed since :meth:`snapshot`, a
+        tensor page no longer backed by its file, or a file a writer waits to change (the
+        leases are then released). The lease poll comes last, nearest the touch it guards."""
         for name, before in self.ids.items():
             now = _identity(self._stat(name))
             if now != before:
@@ -71,6 +97,7 @@ class FileGuard:
                                     "during the load")
         if tensors:
             check_backed(tensors.values())
+        self.leases.poll()
 
     def _stat(self, name: str) -> os.stat_result:
         try:

@@ -34,6 +34,7 @@ class LoadReport:
     peak_rss_bytes: int = 0
     pss_bytes: int | None = None      # None: not measured (report_memory=False)
     private_bytes: int | None = None
+    unleased_files: dict = field(default_factory=dict)  # node-shared: file -> why no read lease guards it
 
     @property
     def gbps(self) -> float:

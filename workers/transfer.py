@@ -38,6 +38,7 @@ class TransferStats:
     staged_bytes: int = 0
     events: list = field(default_factory=list)
     timeline: Timeline = field(default_factory=Timeline)  # reads, sends, receives of the load
+    unleased: dict = field(default_factory=dict)  # node-shared: file -> why it holds no read lease
 
 
 class _Buffers:
