@@ -1,7 +1,9 @@
 """Fault-injection seams for tests (not part of the public API).
 
 A load asks this module for its storage reader (:func:`make_reader`) and calls
-:func:`at_phase` at the start of each phase (``plan``, ``transfer``, ``materialize``). Outside
+:func:`at_phase` at the start of each phase (``plan``, ``transfer``, ``materialize``), and at
+``materialize-checked`` once a node-shared rank's file checks before materialize passed (the
+moment before it first touches the mapped pages). Outside
 :func:`inject` they are the real reader (files, object storage) and nothing.
 Tests replace them for the loads made inside ``with inject(...)`` in this process (each rank
 process sets its own): a reader that fails, truncates or kills its rank, a hook that raises or
