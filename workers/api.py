@@ -150,13 +150,15 @@ def _load(group: Group, request: LoadRequest) -> tuple[Any, dict | None]:
 
 
 def _touch(result: Any) -> None:
-    """Read one byte per page of every tensor this rank holds (DTensors: their local shard;
-    tensors on meta: nothing), so memory figures count what the load owns."""
+    """Fault in every page of every tensor this rank holds (DTensors: their local shard; tensors
+    on meta: nothing), so memory figures count what the load owns. ``MADV_POPULATE_READ`` where
+    the kernel has it: a page of a file truncated meanwhile is skipped, not a SIGBUS."""
+    from weightcast.workers.file_guard import populate
     tensors = result.values() if isinstance(result, dict) else list(result.state_dict().values())
-    for t in tensors:
-        if hasattr(t, "to_local"):
-            t = t.to_local()
-        if t.device.type == "cpu" and t.numel() and t.is_contiguous() and t.dtype != torch.bool:
+    cpu = [t for t in (t.to_local() if hasattr(t, "to_local") else t for t in tensors)
+           if t.device.type == "cpu" and t.numel() and t.is_contiguous() and t.dtype != torch.bool]
+    if not populate(cpu):  # an old kernel: read one byte per page
+        for t in cpu:
             t.reshape(-1).view(torch.uint8)[::4096].sum()
 
 

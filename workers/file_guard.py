@@ -124,14 +124,35 @@ def check_backed(tensors: Iterable[Any]) -> None:
         if not size or (ptr, size) in seen:
             continue
         seen.add((ptr, size))
-        start = ptr - ptr % _PAGE
-        if _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(ptr + size - start), _MADV_POPULATE_READ) != 0:
-            err = ctypes.get_errno()
+        err = _populate(ptr, size)
+        if err:
             if err in (errno.EINVAL, errno.ENOSYS):  # an old kernel: the stat checks are all there is
                 return
             raise StorageError("A loaded tensor's pages are no longer backed by its checkpoint file",
                                where=_mapped_file(ptr) or f"memory at {ptr:#x}", got=os.strerror(err),
                                expected="every page of the file mapped at the start of the load", fix=_FIX)
+
+
+def populate(tensors: Iterable[Any]) -> bool:
+    """Fault in every page of the CPU tensors' bytes as reading them would, with
+    ``MADV_POPULATE_READ``, so that a page no longer backed by its file (truncated) is skipped
+    instead of raising SIGBUS. False where the kernel lacks it (the caller reads the pages).
+    Per rank, not collective."""
+    for t in tensors:
+        if getattr(t, "device", None) is None or t.device.type != "cpu" or t.is_meta:
+            continue
+        size = _extent(t)
+        if size and _populate(t.data_ptr(), size) in (errno.EINVAL, errno.ENOSYS):
+            return False
+    return True
+
+
+def _populate(ptr: int, size: int) -> int:
+    """``MADV_POPULATE_READ`` over ``[ptr, ptr + size)`` (whole pages): 0, or the errno."""
+    start = ptr - ptr % _PAGE
+    if _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(ptr + size - start), _MADV_POPULATE_READ) != 0:
+        return ctypes.get_errno()
+    return 0
 
 
 def _extent(t: Any) -> int:
