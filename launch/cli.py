@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     except WeightcastError as exc:
         print(f"weightcast {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"weightcast {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM while the local launcher runs ranks
+        from weightcast.launch.interrupts import describe, exit_status
+        print(f"weightcast {args.command}: {describe(exc)}", file=sys.stderr)
+        return exit_status(exc)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ current phase (``start-up``, ``plan``, ``transfer``, ``materialize``...) in a ph
 The parent reaps every child as it exits. The first rank that dies or fails is noticed at once
 (within :data:`POLL_S`); the others get ``grace`` seconds to fail by themselves (they detect the
 lost peer and clean up), then are stopped (SIGTERM, then SIGKILL). The error names the first
-rank that failed, its exit status or signal and its last phase. Nothing is left behind: no
+rank that failed, its exit status or signal and its last phase. Ctrl-C or SIGTERM of the parent
+stops every rank the same way (SIGTERM, which a rank handles as Ctrl-C: its load fails on every
+rank and cleans up; SIGKILL after :data:`STOP_S`) and raises ``KeyboardInterrupt``
+(:class:`~weightcast.launch.interrupts.Terminated` for SIGTERM). Nothing is left behind: no
 process, no ``$TMPDIR/weightcast-spawn-*`` directory, no staging area of a killed rank.
 """
 from __future__ import annotations
@@ -30,6 +33,10 @@ from weightcast.orchestrator.errors import ConfigError, LoadError
 
 POLL_S = 0.02
 """How often the parent looks at its children."""
+
+STOP_S = 5.0
+"""Seconds the ranks get after SIGTERM (to fail together and remove what they staged) before
+SIGKILL, when the launcher itself is interrupted."""
 
 
 def free_port() -> int:
@@ -90,19 +97,22 @@ def spawn(nproc: int, fn: str, args: dict, *, timeout: float = 600.0, nodes: lis
     check_nproc(nproc, "nproc")
     if nodes is not None and len(nodes) != nproc:
         raise ConfigError("One node name per rank is needed", expected=f"{nproc} names", got=len(nodes))
+    from weightcast.launch.interrupts import interrupts_ignored, interrupts_raise
     tmp = tempfile.mkdtemp(prefix="weightcast-spawn-")
     procs: list[subprocess.Popen] = []
     try:
-        port = free_port()
-        for rank in range(nproc):
-            procs.append(_start(tmp, rank, fn, args, rank_env(rank, nproc, port, nodes, env)))
-        stopped = _wait(procs, timeout, grace)
+        with interrupts_raise():  # Ctrl-C and SIGTERM: stop the ranks below, then re-raise
+            port = free_port()
+            for rank in range(nproc):
+                procs.append(_start(tmp, rank, fn, args, rank_env(rank, nproc, port, nodes, env)))
+            stopped = _wait(procs, timeout, grace)
         results = [_result(tmp, rank, p, rank in stopped) for rank, p in enumerate(procs)]
     finally:
-        stop_process_groups(procs)
-        shutil.rmtree(tmp, ignore_errors=True)
-    if any(r.returncode < 0 for r in results):
-        _reclaim_staging()  # areas a killed rank held: no live process holds them any more
+        with interrupts_ignored():  # a second Ctrl-C must not leave ranks running
+            stop_process_groups(procs, STOP_S)
+            if any(p.returncode is None or p.returncode < 0 for p in procs):
+                _reclaim_staging()  # areas a killed rank held: no live process holds them any more
+            shutil.rmtree(tmp, ignore_errors=True)
     if check:
         _raise_first_failure(results)
     return results
@@ -222,6 +232,7 @@ def _phase_writer(path: str):
 
 
 def _main(argv: list[str]) -> int:
+    from weightcast.launch.interrupts import describe, exit_status, interrupts_raise
     from weightcast.orchestrator.errors import WeightcastError
     from weightcast.workers.report import on_phase
     fn, args, out = argv[0], json.loads(argv[1]), argv[2]
@@ -232,12 +243,16 @@ def _main(argv: list[str]) -> int:
     module, name = fn.split(":")
     status = 0
     try:
-        value = getattr(importlib.import_module(module), name)(args)
+        with interrupts_raise():  # SIGTERM from the launcher ends the load as Ctrl-C does: with its clean-up
+            value = getattr(importlib.import_module(module), name)(args)
         if len(argv) > 3:
             write("exit")
     except WeightcastError as exc:  # the same clear error on every rank: no traceback
         print(f"rank {os.environ.get('RANK')}: {type(exc).__name__}: {exc}", file=sys.stderr)
         value, status = {"error": str(exc), "type": type(exc).__name__}, 2
+    except KeyboardInterrupt as exc:
+        print(f"rank {os.environ.get('RANK')}: {describe(exc)}", file=sys.stderr)
+        value, status = {"error": describe(exc), "type": type(exc).__name__}, exit_status(exc)
     tmp = out + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(value, fh)

@@ -182,13 +182,18 @@ def _shutdown() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from weightcast.launch.cmd_load import check_cli_options, job_args
+    from weightcast.launch.interrupts import describe, exit_status, interrupts_raise
     ns = build_parser().parse_args(argv)
     try:
-        check_cli_options(ns)
-        return run(job_args(ns), ns.then, ns.report, ns.quiet)
+        with interrupts_raise():  # torchrun's agent stops its workers with SIGTERM: clean up as on Ctrl-C
+            check_cli_options(ns)
+            return run(job_args(ns), ns.then, ns.report, ns.quiet)
     except WeightcastError as exc:
         print(f"rank {os.environ.get('RANK', '0')}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print(f"rank {os.environ.get('RANK', '0')}: {describe(exc)}", file=sys.stderr)
+        return exit_status(exc)
     finally:
         _shutdown()
 

@@ -5,10 +5,11 @@ around a load, or as ``"tests.faults:phase_hook"`` / ``"tests.faults:reader_fact
 ``weightcast.launch.jobs.load_job``) read what to do from environment variables, so one rank of a job can
 be hit while the others run normally:
 
-- ``WC_FAULT=kind@rank:phase`` for :func:`phase_hook`; kinds: ``kill`` (SIGKILL itself),
-  ``raise`` (a RuntimeError), ``interrupt`` (KeyboardInterrupt), ``kill-on-send`` /
-  ``kill-on-recv`` (SIGKILL itself at its first data collective / receive of the transfer
-  phase), ``rewrite`` / ``truncate`` (the
+- ``WC_FAULT=kind@rank:phase`` for :func:`phase_hook` (``*`` for the rank: every rank); kinds:
+  ``kill`` (SIGKILL itself), ``raise`` (a RuntimeError), ``interrupt`` (KeyboardInterrupt),
+  ``kill-on-send`` / ``kill-on-recv`` (SIGKILL itself at its first data collective / receive of
+  the transfer phase), ``raise-on-send`` (a RuntimeError at its first data send of the transfer
+  phase, its receives posted), ``rewrite`` / ``truncate`` (the
   rank rewrites / truncates ``WC_FAULT_FILE`` after planning; every rank then waits at a
   barrier so nobody reads before).
 - ``WC_FAULT=stop@rank:phase``: the rank SIGSTOPs itself (alive, silent).
@@ -61,7 +62,7 @@ def _spec(var: str) -> tuple[str, int, str] | None:
         return None
     kind, _, where = text.partition("@")
     rank, _, phase = where.partition(":")
-    return kind, int(rank), phase
+    return kind, -1 if rank == "*" else int(rank), phase
 
 
 def _my_rank() -> int:
@@ -111,7 +112,7 @@ def phase_hook(phase: str, rank: int) -> None:
     if kind in ("writer-truncate", "writer-open") and (rank, phase) == (target, at):
         start_writer(kind.split("-")[1], os.environ["WC_FAULT_FILE"])
         return
-    if rank != target or phase != at:
+    if target not in (-1, rank) or phase != at:
         return
     if kind == "kill":
         die(rank)
@@ -126,6 +127,8 @@ def phase_hook(phase: str, rank: int) -> None:
         raise KeyboardInterrupt
     elif kind in ("kill-on-send", "kill-on-recv"):
         _kill_at_first_data_collective(rank, kind == "kill-on-recv")
+    elif kind == "raise-on-send":
+        _raise_at_first_send(rank)
 
 
 def _kill_at_first_data_collective(rank: int, receive_only: bool) -> None:
@@ -139,6 +142,20 @@ def _kill_at_first_data_collective(rank: int, receive_only: bool) -> None:
 
     for name in ("irecv", "recv") if receive_only else ("broadcast", "isend", "irecv", "send", "recv"):
         setattr(dist, name, dying)
+
+
+def _raise_at_first_send(rank: int) -> None:
+    """Replace torch.distributed's sends in this process by ones that raise: the rank fails in
+    the middle of the exchange with its receives posted (every rank, with ``*``: each waits on
+    a peer that fails too)."""
+    import torch.distributed as dist
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        mark_death(rank)
+        raise RuntimeError(f"injected failure on rank {rank} at a send")
+
+    for name in ("isend", "send"):
+        setattr(dist, name, failing)
 
 
 def _change_file_then_barrier(kind: str, mine: bool) -> None:

@@ -50,8 +50,11 @@ def _env(tmp_path, **kw) -> dict:
                 **kw)
 
 
-@pytest.mark.parametrize("rank, where", [(1, "start-up"), (0, "start-up"), (1, "plan"), (2, "transfer")])
-def test_first_death_is_named_at_once(ckpt, tmp_path, rank: int, where: str, record_property) -> None:
+@pytest.mark.parametrize("rank, where, transport", [(1, "start-up", "collective"), (0, "start-up", "collective"),
+                                                     (1, "start-up", "node-shared"), (1, "plan", "collective"),
+                                                     (2, "transfer", "collective")])
+def test_first_death_is_named_at_once(ckpt, tmp_path, rank: int, where: str, transport: str,
+                                      record_property) -> None:
     """A rank SIGKILLed at start-up (before joining: the others wait in the rendezvous), while
     planning or mid-transfer: spawn raises a LoadError naming that rank, SIGKILL and the phase
     within the grace + a few seconds, the survivors stopped or exited, nothing left behind."""
@@ -59,10 +62,11 @@ def test_first_death_is_named_at_once(ckpt, tmp_path, rank: int, where: str, rec
     from weightcast.orchestrator.errors import LoadError
     fault = {"WC_KILL_AT_START": str(rank)} if where == "start-up" else {"WC_FAULT": f"kill@{rank}:{where}"}
     before = _spawn_dirs()
-    args = {"source": ckpt, "timeout": 60, "transport": "collective", "chunk_bytes": 128,
+    args = {"source": ckpt, "timeout": 60, "transport": transport, "chunk_bytes": 128,
             "phase_hook": "tests.faults:phase_hook"}
+    nodes = ["a", "b", "c"] if transport == "node-shared" else None
     with pytest.raises(LoadError) as info:
-        spawn(3, "tests.faults:timed_load_job", args, env=_env(tmp_path, **fault), timeout=120)
+        spawn(3, "tests.faults:timed_load_job", args, env=_env(tmp_path, **fault), nodes=nodes, timeout=120)
     ended = time.time()
     with open(tmp_path / "death.json") as fh:
         death = json.load(fh)
@@ -72,7 +76,7 @@ def test_first_death_is_named_at_once(ckpt, tmp_path, rank: int, where: str, rec
     assert "exit status -9" not in msg
     delay = ended - death["time"]
     record_property("death_to_launcher_error_s", round(delay, 3))
-    print(f"\nrank {rank} killed during {where}: launcher error after {delay:.2f} s")
+    print(f"\nrank {rank} killed during {where} ({transport}): launcher error after {delay:.2f} s")
     assert delay < BOUND, delay
     assert _spawn_dirs() == before
     assert faults.stray_processes() == []

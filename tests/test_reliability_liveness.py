@@ -41,23 +41,37 @@ def _death(mark) -> dict:
         return json.load(fh)
 
 
-@pytest.mark.parametrize("transport", ["collective", "node-shared"])
-def test_death_mid_read_stops_the_survivors_reads(ckpt, tmp_path, transport, record_property) -> None:
-    """Rank 1 is SIGKILLed at its first read while every rank's storage is slow: the survivors
-    stop their own reads and raise within the bound, naming rank 1 as dead."""
-    env = {"WC_READ": "kill@1", "WC_SLOW_READ": str(SLOW), "WC_MARK": str(tmp_path)}
+DEATHS = {  # where rank 1 is SIGKILLed
+    "first-read": {"WC_READ": "kill@1"},
+    "ring-send": {"WC_FAULT": "kill-on-send@1:transfer"},  # its first ring send (after its first read)
+    "ring-recv": {"WC_FAULT": "kill-on-recv@1:transfer"},  # posting its first ring receive (its area open)
+}
+
+
+@pytest.mark.parametrize("transport, where", [("collective", "first-read"), ("node-shared", "first-read"),
+                                              ("node-shared", "ring-send"), ("node-shared", "ring-recv")])
+def test_death_mid_read_stops_the_survivors_reads(ckpt, tmp_path, transport, where, record_property) -> None:
+    """Rank 1 is SIGKILLed at its first read, or in the node-shared transport's ring (three
+    emulated nodes), while every rank's storage is slow: the survivors stop their own reads and
+    raise within the bound, naming rank 1 as dead; none of the load's staging areas remains."""
+    env = {**DEATHS[where], "WC_SLOW_READ": str(SLOW), "WC_MARK": str(tmp_path)}
     nodes = ["a", "b", "c"] if transport == "node-shared" else None
     outs = faults.run_ranks(3, faults.load_scenario, _args(ckpt, transport), env=env, timeout=120, nodes=nodes)
     death = _death(tmp_path)
     assert death["rank"] == 1 and outs[1].exitcode == -9
+    if where.startswith("ring"):
+        assert death["areas"], "rank 1 died before opening its staging area: the test proves nothing"
     delays = []
     for o in (outs[0], outs[2]):
         assert o.exitcode == 2 and o.error_type == "LoadError", (o.error_type, o.error)
         assert "Lost contact with rank 1 during the load: its process ended" in o.error, o.error
         delays.append(round(o.t_error - death["time"], 3))
     record_property("death_to_error_s", delays)
-    print(f"\n{transport}: death mid-read -> survivors' errors after {delays} s")
+    print(f"\n{transport}: death at {where} -> survivors' errors after {delays} s")
     assert all(0 <= d < DEATH_BOUND for d in delays), delays
+    for area in death["areas"]:
+        load_id = os.path.basename(area).split("-")[1]
+        assert [p for p in os.listdir("/dev/shm") if p.startswith(f"weightcast-{load_id}-")] == []
     assert faults.stray_processes() == []
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import defaultdict
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
@@ -37,6 +38,8 @@ from weightcast.workers.timeline import Timeline
 from weightcast.workers.transfer import TransferStats
 
 POLL_S = 0.2  # how often a blocked sender checks whether a helper thread failed
+KICK_MS = 1  # after a failure: the wait that makes gloo close the connection to a peer (see release)
+RELEASE_S = 5.0  # after a failure: how long the helper threads get to end once their connections closed
 
 
 class _Arrivals:
@@ -46,6 +49,7 @@ class _Arrivals:
         self.events: dict[tuple[int, int], threading.Event] = {}
         self.errors: list[BaseException] = []
         self.live = live  # the load's liveness: a lost peer ends the wait at once
+        self.blocked: dict[int, Any] = {}  # helper thread id -> the work it waits for now
 
     def event(self, cid: int, off: int) -> threading.Event:
         return self.events.setdefault((cid, off), threading.Event())
@@ -64,15 +68,19 @@ class _Arrivals:
 
 def _waiter(works: "queue.SimpleQueue", kind: str, timeline: Timeline,
             arrivals: _Arrivals) -> threading.Thread:
-    """A daemon thread waiting for the works put in ``works`` (one peer, in posted order; None
+    """A thread waiting for the works put in ``works`` (one peer, in posted order; None
     ends), recording each as an event from the later of its posting and the previous completion;
     a completed receive marks its piece arrived."""
     def run() -> None:
-        last = 0.0
+        last, me = 0.0, threading.get_ident()
         try:
             while (item := works.get()) is not None:
                 work, posted, n, piece = item
-                work.wait()
+                arrivals.blocked[me] = work
+                try:
+                    work.wait()
+                finally:
+                    del arrivals.blocked[me]
                 end = timeline.now()
                 timeline.add(kind, max(posted, last), end, n)
                 last = end
@@ -80,7 +88,10 @@ def _waiter(works: "queue.SimpleQueue", kind: str, timeline: Timeline,
                     arrivals.event(piece[0], piece[2]).set()
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
             arrivals.errors.append(exc)
-    thread = threading.Thread(target=run, name=f"weightcast-ring-{kind}", daemon=True)
+    # Not a daemon: a daemon thread woken in a gloo wait while the interpreter shuts down aborts
+    # the process ("terminate called without an active exception", SIGABRT). After a failure
+    # release() ends the waits; the interpreter would wait for any still blocked.
+    thread = threading.Thread(target=run, name=f"weightcast-ring-{kind}", daemon=False)
     thread.start()
     return thread
 
@@ -108,13 +119,33 @@ def run_ring(group: Group, plan: LoadPlan, source: Callable[[str, bool], torch.T
     sends.sort()
     recvs = {src: [piece for _, piece in sorted(items)] for src, items in recvs.items()}
     arrivals = _Arrivals(live)
-    threads = [_post_recvs(group, src, items, dest, stats, timeline, arrivals) for src, items in recvs.items()]
-    threads += _post_sends(group, sends, source, ready, stats, timeline, arrivals)
+    threads: list[threading.Thread] = []
+    try:
+        threads += [_post_recvs(group, src, items, dest, stats, timeline, arrivals) for src, items in recvs.items()]
+        _post_sends(group, sends, source, ready, stats, timeline, arrivals, threads)
+        for thread in threads:
+            while thread.is_alive():  # a lost peer or a failed wait ends this at once
+                thread.join(POLL_S)
+                arrivals.check()
+        arrivals.check()
+    except BaseException:
+        release(arrivals, threads)
+        raise
+
+
+def release(arrivals: _Arrivals, threads: list[threading.Thread]) -> None:
+    """After a failure on this rank: end the ring's waits still pending, so that no helper
+    thread stays blocked in gloo (the load fails anyway; a thread woken while the interpreter
+    shuts down would abort the process). Each blocked wait is waited on again here for
+    :data:`KICK_MS`: gloo then times it out and closes the connection to that peer, which fails
+    every operation pending on it, here and on the peer (whose own helpers end too)."""
+    for work in list(arrivals.blocked.values()):
+        try:
+            work.wait(timedelta(milliseconds=KICK_MS))
+        except RuntimeError:  # the expected timeout, or the connection was closed already
+            pass
     for thread in threads:
-        while thread.is_alive():  # a lost peer or a failed wait ends this at once
-            thread.join(POLL_S)
-            arrivals.check()
-    arrivals.check()
+        thread.join(RELEASE_S)
 
 
 def _post_recvs(group: Group, src: int, items: list[Piece], dest: Callable[[str], torch.Tensor],
@@ -132,10 +163,11 @@ def _post_recvs(group: Group, src: int, items: list[Piece], dest: Callable[[str]
 
 def _post_sends(group: Group, sends: list[tuple[tuple, int, bool, Piece]],
                 source: Callable[[str, bool], torch.Tensor], ready: Callable[[str, int, int], None],
-                stats: TransferStats, timeline: Timeline, arrivals: _Arrivals) -> list[threading.Thread]:
-    """Post every send in plan order once its bytes are in; -> the per-destination waiters."""
+                stats: TransferStats, timeline: Timeline, arrivals: _Arrivals,
+                threads: list[threading.Thread]) -> None:
+    """Post every send in plan order once its bytes are in; the per-destination waiters are
+    appended to ``threads``."""
     queues: dict[int, queue.SimpleQueue] = {}
-    threads: list[threading.Thread] = []
     try:
         for _, dst, read_here, piece in sends:
             cid, file, off, n = piece
@@ -154,4 +186,3 @@ def _post_sends(group: Group, sends: list[tuple[tuple, int, bool, Piece]],
     finally:
         for works in queues.values():
             works.put(None)
-    return threads
