@@ -44,6 +44,8 @@ def _from_collective(error: BaseException) -> bool:
     LoadError): a consequence of another rank's failure, not a cause to report first."""
     marker = os.sep + os.path.join("torch", "distributed") + os.sep
     for exc in (error, error.__cause__):
+        if getattr(exc, "from_collective", False):  # marked where a wait on gloo failed (workers.ring)
+            return True
         tb = exc.__traceback__ if exc is not None else None
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next

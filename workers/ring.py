@@ -79,6 +79,9 @@ def _waiter(works: "queue.SimpleQueue", kind: str, timeline: Timeline,
                 arrivals.blocked[me] = work
                 try:
                     work.wait()
+                except RuntimeError as exc:  # a peer failed or was lost: a consequence, not a cause
+                    exc.from_collective = True
+                    raise
                 finally:
                     del arrivals.blocked[me]
                 end = timeline.now()
