@@ -15,7 +15,7 @@ been truncated away. A rename-replace does not break a lease (the file mapped st
 :class:`weightcast.workers.file_guard.FileGuard`'s identity checks catch that.
 
 Where a lease cannot be taken (EACCES: not the file's owner and no CAP_LEASE; EAGAIN: the file
-is open for writing; EINVAL: a file system that refuses leases, e.g. NFS, some overlays) the
+is open for writing; EINVAL: a file system that refuses leases, e.g. NFS) the
 file is only guarded by those checks: recorded in :attr:`FileLeases.unleased`, logged at debug
 level, never an error. A lease holds off the writers of its own host only (shared storage that
 grants local leases does not stop another host's). On other systems than Linux nothing is
