@@ -82,7 +82,7 @@ def test_killed_rank_fails_every_survivor(ckpt, tmp_path, where, group, record_p
     assert faults.stray_processes() == []
 
 
-def test_exceptions_become_the_same_error_on_every_rank(ckpt, seq_ckpt):
+def test_exceptions_become_the_same_error_on_every_rank(ckpt, seq_ckpt, record_property):
     """One process group, several loads: each failure names the failing rank and its cause on
     every rank, identically; the group stays usable (the last load succeeds)."""
     cases = [  # a weightcast error keeps its class on every rank; anything else is a LoadError
@@ -106,6 +106,9 @@ def test_exceptions_become_the_same_error_on_every_rank(ckpt, seq_ckpt):
         assert head in got[0]["error"] and cause in got[0]["error"], got[0]["error"]
         assert "Where: " in got[0]["error"] and "Fix:" in got[0]["error"]
     assert all("value" in o.value[-1] for o in outs)  # the group survived every failure
+    seconds = [round(max(o.value[i]["seconds"] for o in outs), 2) for i in range(len(cases))]
+    record_property("seconds_per_case", seconds)
+    print(f"\nfailed loads, slowest rank's seconds per case: {seconds}")
     assert faults.stray_processes() == []
 
 
