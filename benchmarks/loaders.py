@@ -137,43 +137,35 @@ def load_tp_auto(source: str, ctx: dict) -> tuple[Any, dict]:
     return model, {"requested": _unique_bytes(model)}
 
 
-def _fst_loader(source: str, device: Any = "cpu"):
+def fastsafetensors_state(source: str, device: Any = "cpu", dims: dict | None = None) -> dict:
+    """Every rank (collective): fastsafetensors with the checkpoint's files spread over the ranks
+    (each read by one), then every tensor fetched on every rank (its shard along ``dims[key]``
+    where given). Also run by the emulated-cluster baseline (:mod:`benchmarks.cluster_emu.rank_fst`)."""
     import torch.distributed as dist
     from fastsafetensors import SafeTensorsFileLoader
     from benchmarks.procfs import checkpoint_files
     files = checkpoint_files(source)
     world = dist.get_world_size()
+    dims = dims or {}
     loader = SafeTensorsFileLoader(dist.group.WORLD, device, nogds=True, set_numa=False)
-    loader.add_filenames({r: files[r::world] for r in range(world) if files[r::world]})
-    return loader
+    try:
+        loader.add_filenames({r: files[r::world] for r in range(world) if files[r::world]})
+        buffers = loader.copy_files_to_device()
+        try:
+            return {key: (buffers.get_sharded(key, dims[key]) if dims.get(key) is not None
+                          else buffers.get_tensor(key)) for key in loader.get_keys()}
+        finally:
+            buffers.close()
+    finally:
+        loader.close()
 
 
 def load_fastsafetensors(source: str, ctx: dict) -> tuple[Any, dict]:
-    loader = _fst_loader(source)
-    try:
-        buffers = loader.copy_files_to_device()
-        try:
-            state = {key: buffers.get_tensor(key) for key in loader.get_keys()}
-        finally:
-            buffers.close()
-    finally:
-        loader.close()
-    return state, {}
+    return fastsafetensors_state(source), {}
 
 
 def load_fastsafetensors_tp(source: str, ctx: dict) -> tuple[Any, dict]:
-    dims = ctx["tp_dims"]
-    loader = _fst_loader(source)
-    try:
-        buffers = loader.copy_files_to_device()
-        try:
-            state = {key: (buffers.get_sharded(key, dims[key]) if dims.get(key) is not None
-                           else buffers.get_tensor(key)) for key in loader.get_keys()}
-        finally:
-            buffers.close()
-    finally:
-        loader.close()
-    return state, {}
+    return fastsafetensors_state(source, dims=ctx["tp_dims"]), {}
 
 
 def _local_cuda() -> str:
@@ -191,16 +183,7 @@ def load_gpu_load_file(source: str, ctx: dict) -> tuple[Any, dict]:
 
 def load_gpu_fastsafetensors(source: str, ctx: dict) -> tuple[Any, dict]:
     import torch
-    loader = _fst_loader(source, torch.device(_local_cuda()))
-    try:
-        buffers = loader.copy_files_to_device()
-        try:
-            state = {key: buffers.get_tensor(key) for key in loader.get_keys()}
-        finally:
-            buffers.close()
-    finally:
-        loader.close()
-    return state, {}
+    return fastsafetensors_state(source, torch.device(_local_cuda())), {}
 
 
 def load_gpu_wc_replicate_collective(source: str, ctx: dict) -> tuple[Any, dict]:

@@ -6,28 +6,14 @@ Run by torchrun inside an emulated node (:mod:`benchmarks.cluster_emu.run`).
 from __future__ import annotations
 
 import argparse
-import glob
-import os
 from typing import Any
 
 from benchmarks.cluster_emu import rank_common
 
 
 def load(source: str, args: argparse.Namespace) -> tuple[Any, dict]:
-    import torch.distributed as dist
-    from fastsafetensors import SafeTensorsFileLoader
-    files = sorted(glob.glob(os.path.join(source, "*.safetensors")))
-    world = dist.get_world_size()
-    loader = SafeTensorsFileLoader(dist.group.WORLD, "cpu", nogds=True, set_numa=False)
-    try:
-        loader.add_filenames({r: files[r::world] for r in range(world) if files[r::world]})
-        buffers = loader.copy_files_to_device()
-        try:
-            state = {key: buffers.get_tensor(key) for key in loader.get_keys()}
-        finally:
-            buffers.close()
-    finally:
-        loader.close()
+    from benchmarks.loaders import fastsafetensors_state
+    state = fastsafetensors_state(source)
     return state, {"owned_bytes": rank_common.touch_all(state)}
 
 
