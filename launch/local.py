@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from weightcast.orchestrator.errors import ConfigError, LoadError
 
@@ -86,13 +87,17 @@ def rank_env(rank: int, world: int, port: int, nodes: list[str] | None, base: di
 
 
 def spawn(nproc: int, fn: str, args: dict, *, timeout: float = 600.0, nodes: list[str] | None = None,
-          env: dict | None = None, check: bool = True, grace: float = 3.0) -> list[RankResult]:
+          env: dict | None = None, check: bool = True, grace: float = 3.0,
+          start: Callable[..., Any] | None = None) -> list[RankResult]:
     """Run ``fn`` (``"module:function"``) on ``nproc`` local ranks; return every rank's result.
 
     Called by one process (the CLI, a test). ``timeout``: seconds for the whole job; ``grace``:
     seconds the other ranks get to end by themselves after the first failure. With ``check`` a
     failure raises: the rank's own WeightcastError when it reported one, else a LoadError naming
     the first rank that died, its signal or exit status and its last phase, with its stderr tail.
+    ``start(tmp, rank, fn, args, env)`` starts one rank and returns its process (a seam for tests,
+    which fork ranks from a process that has imported torch once; default: a new interpreter
+    running :func:`_main` in its own session, stderr to ``tmp/rank{rank}.err``).
     """
     check_nproc(nproc, "nproc")
     if nodes is not None and len(nodes) != nproc:
@@ -104,7 +109,7 @@ def spawn(nproc: int, fn: str, args: dict, *, timeout: float = 600.0, nodes: lis
         with interrupts_raise():  # Ctrl-C and SIGTERM: stop the ranks below, then re-raise
             port = free_port()
             for rank in range(nproc):
-                procs.append(_start(tmp, rank, fn, args, rank_env(rank, nproc, port, nodes, env)))
+                procs.append((start or _start)(tmp, rank, fn, args, rank_env(rank, nproc, port, nodes, env)))
             stopped = _wait(procs, timeout, grace)
         results = [_result(tmp, rank, p, rank in stopped) for rank, p in enumerate(procs)]
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from weightcast.launch.local import spawn
+from tests.ranks import spawn  # forked ranks: see tests/ranks.py
 
 pytestmark = pytest.mark.timeout(300)
 

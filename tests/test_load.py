@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from weightcast.launch.local import spawn
+from tests.ranks import spawn  # forked ranks: see tests/ranks.py
 from tests.ckpt_factory import sample_tensors, write_sharded
 
 pytestmark = pytest.mark.timeout(300)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightcast.launch.local import spawn
+from tests.ranks import spawn  # forked ranks: see tests/ranks.py
+from weightcast.launch import local
 from tests.ckpt_factory import save_tiny_bert, save_tiny_llama
 
 pytestmark = pytest.mark.timeout(300)
@@ -81,7 +82,8 @@ def test_tp_four_ranks_private_memory(tmp_path) -> None:
     tensors = {f"model.layers.{i}.mlp.{p}.weight": torch.randn(1024, 1024, generator=g)
                for i in range(4) for p in ("up_proj", "down_proj")}
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    results = spawn(4, "tests.model_jobs:tp_memory", {"source": str(tmp_path)}, timeout=240)
+    # a new interpreter per rank: a forked rank's first writes to inherited pages would count as private growth
+    results = local.spawn(4, "tests.model_jobs:tp_memory", {"source": str(tmp_path)}, timeout=240)
     checkpoint = results[0].value["checkpoint"]
     for r in results:
         v = r.value

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.moe_zoo import ZOO, save_zoo_model
-from weightcast.launch.local import spawn
+from tests.ranks import spawn  # forked ranks: see tests/ranks.py
 
 pytestmark = pytest.mark.timeout(300)
 

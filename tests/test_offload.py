@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.ckpt_factory import save_tiny_llama
-from weightcast.launch.local import spawn
+from tests.ranks import spawn  # forked ranks: see tests/ranks.py
 
 pytestmark = pytest.mark.timeout(300)
 

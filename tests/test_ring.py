@@ -8,7 +8,7 @@ import torch
 
 from tests.ckpt_factory import write_sharded
 from tests.plan_fixtures import make_cluster, make_index, replicate_map
-from weightcast.launch.local import spawn
+from tests.ranks import spawn  # forked ranks: see tests/ranks.py
 from weightcast.orchestrator.cost import predict
 from weightcast.orchestrator.planner import PlanOptions, plan_load
 from weightcast.orchestrator.ring_order import PIECE_BYTES, due, first_hop_bases, pieces_of

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from s3_fixtures import (BUCKET, client, data_bytes_served, llama, proxy, s3env, server,  # noqa: F401
                          store, upload_dir)
-from weightcast.launch.local import spawn
+from tests.ranks import spawn  # forked ranks: see tests/ranks.py
 from weightcast.orchestrator.checkpoint import load_index
 from weightcast.orchestrator.errors import CheckpointNotFoundError, ConfigError
 from weightcast.orchestrator.object_source import load_object_index, parse_object_url, resolve_object_source

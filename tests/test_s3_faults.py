@@ -16,7 +16,7 @@ import pytest
 from s3_fixtures import (BUCKET, client, data_bytes_served, llama, proxy, s3env, server,  # noqa: F401
                          upload_dir)
 from s3_proxy import Fault
-from weightcast.launch.local import spawn
+from tests.ranks import spawn  # forked ranks: see tests/ranks.py
 from weightcast.orchestrator.checkpoint import load_index
 
 pytestmark = pytest.mark.timeout(300)

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from weightcast.launch.local import spawn
+from tests.ranks import spawn  # forked ranks: see tests/ranks.py
 from weightcast.orchestrator.errors import ConfigError, LoadError, PlanError
 from weightcast.orchestrator.save_plan import Held, Manifest, merge_order, plan_save
 from tests.ckpt_factory import sample_tensors, save_tiny_llama, write_sharded

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.ckpt_factory import save_tiny_llama, tiny_llama_config
-from weightcast.launch.local import spawn
+from tests.ranks import spawn  # forked ranks: see tests/ranks.py
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -13,7 +13,7 @@ import torch
 
 from tests.test_torchrun import torchrun
 from tests.test_training_state import SCRIPT
-from weightcast.launch.local import spawn
+from tests.ranks import spawn  # forked ranks: see tests/ranks.py
 
 pytestmark = pytest.mark.timeout(600)  # the first test also runs the session's Trainer job
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.test_torchrun import torchrun
-from weightcast.launch.local import spawn
+from tests.ranks import spawn  # forked ranks: see tests/ranks.py
 
 pytestmark = pytest.mark.timeout(600)  # the first test also runs the session's Trainer job
 SCRIPT = os.path.join("tests", "trainer_run.py")
