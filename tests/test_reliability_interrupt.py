@@ -127,19 +127,17 @@ def _ring_threads_after_failure(args: dict) -> dict:
     return {"error": error, "left": [t.name for t in threading.enumerate() if t.name.startswith("weightcast-ring")]}
 
 
-@pytest.mark.parametrize("fault", ["raise-on-send@*:transfer", "kill-on-send@1:transfer", "interrupt@1:transfer"])
+@pytest.mark.parametrize("fault", ["raise-on-send@*:transfer", "interrupt@1:transfer"])
 def test_failed_ring_leaves_no_helper_blocked_in_gloo(ckpt, tmp_path, fault) -> None:
     """Every rank fails at its first ring send with its receives posted (each waits on a peer
-    that fails too), one rank dies mid-ring, or one is interrupted as the transfer starts: when
-    the load's error is raised, no helper thread of the ring is left waiting on gloo on any
-    rank. The interrupted rank is the one named: its peers' failed ring waits are consequences."""
+    that fails too), or one is interrupted as the transfer starts: when the load's error is
+    raised, no helper thread of the ring is left waiting on gloo on any rank. The interrupted
+    rank is the one named: its peers' failed ring waits are consequences."""
     args = {"source": ckpt, "model": None, "timeout": 10.0, "transport": "node-shared", "chunk_bytes": 64,
             "bucket_bytes": 256, "threads": 1}
     outs = faults.run_ranks(3, _ring_threads_after_failure, args, env={"WC_FAULT": fault, "WC_MARK": str(tmp_path)},
                             nodes=["a", "b", "c"], timeout=60)
-    survivors = [o for o in outs if o.exitcode != -9]
-    assert len(survivors) == (2 if fault.startswith("kill") else 3), [(o.exitcode, o.error) for o in outs]
-    for o in survivors:
+    for o in outs:
         assert o.exitcode == 0 and o.value["error"].startswith("LoadError"), (o.exitcode, o.error, o.value)
         assert o.value["left"] == [], o.value
         if fault.startswith("interrupt"):

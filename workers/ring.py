@@ -17,6 +17,8 @@ A piece at hop ``s`` only waits for hop ``s - 1`` of the same piece, which comes
 every rank's order, so no rank waits on one that waits on it. Reads and the ring therefore
 overlap at piece granularity: a node forwards what it received while it still reads, and sends what it read as
 soon as each request completes. Every send and receive is recorded in the rank's timeline.
+When the ring fails on a rank, :func:`release` ends the waits still pending there and joins the
+helper threads before the error goes on.
 
 :func:`run_ring` is collective over the ranks that have hops (every rank calls it).
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import defaultdict
 from datetime import timedelta
 from typing import Any, Callable
@@ -39,7 +42,7 @@ from weightcast.workers.transfer import TransferStats
 
 POLL_S = 0.2  # how often a blocked sender checks whether a helper thread failed
 KICK_MS = 1  # after a failure: the wait that makes gloo close the connection to a peer (see release)
-RELEASE_S = 5.0  # after a failure: how long the helper threads get to end once their connections closed
+RELEASE_S = 5.0  # after a failure: how long release() works at ending the helper threads
 
 
 class _Arrivals:
@@ -50,6 +53,7 @@ class _Arrivals:
         self.errors: list[BaseException] = []
         self.live = live  # the load's liveness: a lost peer ends the wait at once
         self.blocked: dict[int, Any] = {}  # helper thread id -> the work it waits for now
+        self.stopped = False  # the ring failed on this rank: helpers wait for nothing more
 
     def event(self, cid: int, off: int) -> threading.Event:
         return self.events.setdefault((cid, off), threading.Event())
@@ -74,7 +78,7 @@ def _waiter(works: "queue.SimpleQueue", kind: str, timeline: Timeline,
     def run() -> None:
         last, me = 0.0, threading.get_ident()
         try:
-            while (item := works.get()) is not None:
+            while (item := works.get()) is not None and not arrivals.stopped:
                 work, posted, n, piece = item
                 arrivals.blocked[me] = work
                 try:
@@ -142,13 +146,16 @@ def release(arrivals: _Arrivals, threads: list[threading.Thread]) -> None:
     shuts down would abort the process). Each blocked wait is waited on again here for
     :data:`KICK_MS`: gloo then times it out and closes the connection to that peer, which fails
     every operation pending on it, here and on the peer (whose own helpers end too)."""
-    for work in list(arrivals.blocked.values()):
-        try:
-            work.wait(timedelta(milliseconds=KICK_MS))
-        except RuntimeError:  # the expected timeout, or the connection was closed already
-            pass
-    for thread in threads:
-        thread.join(RELEASE_S)
+    arrivals.stopped = True
+    deadline = time.monotonic() + RELEASE_S
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        for work in list(arrivals.blocked.values()):
+            try:
+                work.wait(timedelta(milliseconds=KICK_MS))
+            except RuntimeError:  # the expected timeout, or the connection was closed already
+                pass
+        for thread in threads:
+            thread.join(0.01)
 
 
 def _post_recvs(group: Group, src: int, items: list[Piece], dest: Callable[[str], torch.Tensor],
