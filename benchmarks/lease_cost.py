@@ -5,7 +5,8 @@ temporary directory, then 3 local ranks (``weightcast.launch.local.spawn``) load
 node-shared transport RUNS times (default 5) with leases and RUNS times without, alternating
 in the same processes (page cache warm after a first untimed load), and print the load's wall
 seconds (``wall_seconds`` of the report: the slowest rank) min / median of each; then the
-cost of the lease calls alone: taking, polling and releasing the leases of the 6 files.
+cost of the lease calls alone: taking, polling and releasing the leases of the 6 files, and
+starting and stopping the thread that watches them.
 The machine's load average is printed with them: the seconds are noisy on shared cores.
 """
 from __future__ import annotations
@@ -52,11 +53,12 @@ def job(args: dict) -> dict:
     return times
 
 
-def lease_calls(root: str, repeat: int = 200) -> tuple[float, float]:
-    """Seconds to take + release the leases of every file in ``root``, and to poll them (min)."""
+def lease_calls(root: str, repeat: int = 200) -> tuple[float, float, float]:
+    """Seconds to take + release the leases of every file in ``root``, to poll them, and to
+    start + stop the watching thread (min of ``repeat``)."""
     from weightcast.workers.file_lease import FileLeases
     files = [f for f in sorted(os.listdir(root)) if f.endswith(".safetensors")]
-    take, poll = [], []
+    take, poll, watch = [], [], []
     for _ in range(repeat):
         leases = FileLeases()
         t0 = time.perf_counter()
@@ -65,10 +67,14 @@ def lease_calls(root: str, repeat: int = 200) -> tuple[float, float]:
         t1 = time.perf_counter()
         leases.poll()
         t2 = time.perf_counter()
+        leases.watch()
+        leases.unwatch()
+        t3 = time.perf_counter()
         leases.release()
-        take.append(time.perf_counter() - t2 + t1 - t0)
+        take.append(time.perf_counter() - t3 + t1 - t0)
         poll.append(t2 - t1)
-    return min(take), min(poll)
+        watch.append(t3 - t2)
+    return min(take), min(poll), min(watch)
 
 
 def main(argv: list[str]) -> int:
@@ -87,8 +93,9 @@ def main(argv: list[str]) -> int:
         for mode in ("on", "off"):
             t = times[mode]
             print(f"  leases {mode:>3}: min {min(t):.3f} s, median {statistics.median(t):.3f} s  {[round(x, 3) for x in t]}")
-        take, poll = lease_calls(root)
-        print(f"  lease calls, 6 files: take + release {take * 1e6:.0f} us, one poll {poll * 1e6:.1f} us (min of 200)")
+        take, poll, watch = lease_calls(root)
+        print(f"  lease calls, 6 files: take + release {take * 1e6:.0f} us, one poll {poll * 1e6:.1f} us, "
+              f"watching thread start + stop {watch * 1e6:.0f} us (min of 200)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

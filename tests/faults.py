@@ -22,6 +22,8 @@ be hit while the others run normally:
   (``os.truncate`` to ``WC_TRUNCATE_TO``, or ``open(path, "r+b")`` and one byte flipped),
   without the barrier: only that rank waits for it (e.g. at ``materialize-checked``, the
   moment between the file guard's checks and the first touch of the mapped pages).
+  ``writer-truncate-done``: every rank then waits there until the truncation happened (as
+  steps touching mapped pages for longer than the kernel's lease-break-time would).
 - ``WC_NO_LEASES=1``: :func:`load_scenario` turns the file leases off (what they prevent).
 - ``WC_READ=kind@rank`` for :func:`reader_factory`; kinds in :class:`FaultReader`.
   ``WC_SLOW_READ=seconds``: every rank sleeps that long before each read (slow storage).
@@ -112,6 +114,11 @@ def phase_hook(phase: str, rank: int) -> None:
     if kind in ("writer-truncate", "writer-open") and (rank, phase) == (target, at):
         start_writer(kind.split("-")[1], os.environ["WC_FAULT_FILE"])
         return
+    if kind == "writer-truncate-done" and phase == at:  # every rank's touch step outlasts the lease
+        if rank == target:
+            start_writer("truncate", os.environ["WC_FAULT_FILE"])
+        _wait_for_size(os.environ["WC_FAULT_FILE"], int(os.environ.get("WC_TRUNCATE_TO", "0")))
+        return
     if target not in (-1, rank) or phase != at:
         return
     if kind == "kill":
@@ -129,6 +136,12 @@ def phase_hook(phase: str, rank: int) -> None:
         _kill_at_first_data_collective(rank, kind == "kill-on-recv")
     elif kind == "raise-on-send":
         _raise_at_first_send(rank)
+
+
+def _wait_for_size(path: str, size: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while os.path.getsize(path) != size and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _kill_at_first_data_collective(rank: int, receive_only: bool) -> None:

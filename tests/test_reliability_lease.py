@@ -1,9 +1,10 @@
 """Read leases close the window between the file guard's checks and the first touch of the
 mapped pages (node-shared transport): a truncation or an open for writing by another process
-waits for the load, the load fails with a StorageError naming the file on every rank, never a
-SIGBUS, and the writer goes on as soon as the load failed. Without leases (the control) the
-same truncation kills the rank with SIGBUS. After a load the leases are gone; a file that
-cannot be leased (open for writing) loads with the identity checks alone.
+waits until the ranks' watching threads noticed it and replaced their mappings by zero pages,
+the load fails with a StorageError naming the file on every rank, never a SIGBUS, and the
+writer goes on at once. Without leases (the control) the same truncation kills the rank with
+SIGBUS. After a load the leases are gone; a file that cannot be leased (open for writing) loads
+with the identity checks alone.
 
 Three forked gloo ranks (tests/faults.py) load a 2-shard checkpoint of 6 MB, casting to float16
 in materialize so every owned byte is touched there.
@@ -106,7 +107,7 @@ def _assert_writer_went_on(outs: list, record_property) -> None:
     assert writer["returncode"] == 0 and writer["done"] is not None, writer
     after = round(writer["done"] - min(o.t_error for o in outs), 3)
     record_property("error_to_writer_done_s", after)
-    print(f"\nthe writer ended {after} s after the first rank's error")
+    print(f"\nthe writer ended {after} s after the first rank's error (negative: before)")
     assert after < 2.0, after
 
 
@@ -128,10 +129,25 @@ def test_truncation_between_check_and_touch_is_a_storage_error_not_sigbus(ckpt, 
     assert faults.stray_processes() == []
 
 
+def test_truncation_during_a_long_touch_step_is_a_storage_error_not_sigbus(ckpt, tmp_path, record_property) -> None:
+    """A writer truncates a shard right after the ranks' checks before materialize, and the
+    ranks only touch the mapped pages once the truncation happened (as touch steps outlasting
+    the kernel's lease-break-time would): their watching threads replaced their mappings by
+    zero pages and released the leases first, so they read zeros instead of faulting, and every
+    rank then raises a StorageError naming the file (the truncation ends before any error)."""
+    outs, shard = _writer_case(ckpt, tmp_path, "writer-truncate-done", "materialize-checked", {})
+    _assert_failed_together(outs, shard)
+    assert "replaced by zero pages" in outs[0].error, outs[0].error
+    (writer,) = outs[0].writers
+    assert writer["returncode"] == 0 and writer["done"] < min(o.t_error for o in outs), (writer, outs)
+    assert os.path.getsize(shard) == 0
+    assert faults.stray_processes() == []
+
+
 def test_in_place_writer_during_the_load_is_a_storage_error(ckpt, tmp_path, record_property) -> None:
     """A writer opens a shard with ``open(path, "r+b")`` while the ranks hold it mapped (start
-    of materialize): it waits; every rank raises a StorageError naming the file; then the
-    writer flips its byte and ends within 2 s."""
+    of materialize): it waits until the ranks noticed it; every rank raises a StorageError
+    naming the file; the writer flips its byte and ends within 2 s of the first error."""
     outs, shard = _writer_case(ckpt, tmp_path, "writer-open", "materialize", {})
     _assert_failed_together(outs, shard)
     _assert_writer_went_on(outs, record_property)

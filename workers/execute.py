@@ -158,7 +158,8 @@ def _move(group: Group, request: LoadRequest, order: LoadOrder, plan, device: to
             if guard is not None:
                 guards.append(guard)
             moved = run_node_shared(group, plan, root, reader, order.load_id, request.threads, request.progress,
-                                    before_views=guard.check if guard else None)
+                                    before_views=guard.check if guard else None,
+                                    on_map=guard.note_mapping if guard else None)
             if guard is not None and (request.verify_checksums or not request.zero_copy):  # they touch pages now
                 guard.check(moved[0])
             if not request.zero_copy:  # private copies: nothing stays a view of a file
@@ -211,7 +212,7 @@ def _materialize(group: Group, request: LoadRequest, order: LoadOrder, tensors: 
     at_phase("materialize-checked", group.rank)
     result = _materialize_tensors(group, request, order, tensors, device, plan_owned, plan)
     for guard in guards:  # and no writer waited on them meanwhile: the result is what the files held
-        guard.check()
+        guard.finish()
     return result
 
 

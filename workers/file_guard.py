@@ -4,9 +4,10 @@ The node-shared transport hands out tensors that are views of each rank's privat
 the checkpoint files. Touching a mapped page that a truncation removed kills the process with
 SIGBUS, so every rank holds a read lease on every file it maps from the start of the transfer
 until the load returned or failed (:mod:`weightcast.workers.file_lease`: a truncation or an
-open for writing then waits for the load), and before the steps that touch those pages (the
-private copies made while building views, checksums, materialize, and once more at its end)
-every rank checks, for every file it maps:
+open for writing then waits; a thread of the rank that sees one waiting replaces the rank's
+mappings by zero pages and lets the writer go on), and before the steps that touch those pages
+(the private copies made while building views, checksums, materialize, and once more at its
+end) every rank checks, for every file it maps:
 
 - that the file at its path is still the one it mapped: same device, inode, size, mtime and
   ctime as when the transfer started (a rename-replace changes the inode; a rewrite, even one
@@ -14,8 +15,8 @@ every rank checks, for every file it maps:
   the inode and ctime those rank 0 saw while planning (shared storage);
 - that every page of the tensors it holds is still backed (``MADV_POPULATE_READ`` over their
   memory: the kernel answers EFAULT where a touch would raise SIGBUS);
-- that no lease is being broken (a writer waits): then the leases are released and the load
-  fails.
+- that no lease is being broken (a writer waits) and the thread saw none: else the leases are
+  released and the load fails.
 
 On a file the rank could not lease (a file system without leases, a file open for writing,
 not its owner) a change between these checks and the touch a few milliseconds later can still
@@ -62,6 +63,7 @@ class FileGuard:
         except BaseException:
             self.leases.release()
             raise
+        self.leases.watch()
 
     def _lease_and_record(self, name: str) -> None:
         """Lease ``name`` first (a truncation from then on waits for the load), then stat it:
@@ -84,10 +86,23 @@ class FileGuard:
         """Release the read leases (end of the load, success or failure); idempotent."""
         self.leases.release()
 
+    def note_mapping(self, name: str, address: int, nbytes: int) -> None:
+        """A mapping of checkpoint file ``name`` this rank just made (see FileLeases.watch)."""
+        self.leases.note_mapping(name, address, nbytes)
+
+    def finish(self) -> None:
+        """The last check of a load: stop the watching thread, then :meth:`check` (after this
+        nothing replaces the pages of the tensors the load returns)."""
+        self.leases.unwatch()
+        self.check()
+
     def check(self, tensors: dict | None = None) -> None:
         """Raise StorageError naming the first file that changed since :meth:`snapshot`, a
         tensor page no longer backed by its file, or a file a writer waits to change (the
-        leases are then released). The lease poll comes last, nearest the touch it guards."""
+        leases are then released). The lease poll comes last, nearest the touch it guards,
+        unless the watching thread already saw a writer (then it says so first)."""
+        if self.leases.broken is not None:
+            self.leases.poll()
         for name, before in self.ids.items():
             now = _identity(self._stat(name))
             if now != before:

@@ -8,11 +8,14 @@ when the kernel removes the leases itself; a non-blocking opener gets EAGAIN. Wh
 pending, ``F_GETLEASE`` on a lease holder's descriptor says ``F_UNLCK`` instead of ``F_RDLCK``.
 
 So a node-shared rank takes a read lease on every file it maps for the whole load and polls
-them (:meth:`FileLeases.poll`, a few microseconds per file) before each step that touches the
+them (:meth:`FileLeases.poll`, under a microsecond per file) before each step that touches the
 mapped pages: a pending break is a StorageError naming the file, and the leases are released
-so the writer goes on. Pages touched within lease-break-time of a poll that passed cannot have
-been truncated away. A rename-replace does not break a lease (the file mapped stays whole):
-:class:`weightcast.workers.file_guard.FileGuard`'s identity checks catch that.
+so the writer goes on. In between, a thread (:meth:`FileLeases.watch`) polls every
+``WATCH_PERIOD`` seconds and, on a break, replaces the rank's mappings of the files by zero
+pages before it releases the leases: a touch reads zeros instead of faulting, even in a step
+longer than lease-break-time, and the next poll fails the load. A rename-replace does not
+break a lease (the file mapped stays whole): :class:`weightcast.workers.file_guard.FileGuard`'s
+identity checks catch that.
 
 Where a lease cannot be taken (EACCES: not the file's owner and no CAP_LEASE; EAGAIN: the file
 is open for writing; EINVAL: a file system that refuses leases, e.g. NFS) the
@@ -23,12 +26,15 @@ leased. Per rank, not collective.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import signal
 import sys
+import threading
 
 from weightcast.orchestrator.errors import StorageError
 
@@ -43,6 +49,8 @@ _F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 _BREAK_SIGNAL = getattr(signal, "SIGURG", 23)
 
 ENABLED = sys.platform.startswith("linux")  # tests turn it off to show what the leases prevent
+WATCH_PERIOD = 0.25  # seconds between two polls of the watching thread (0: no thread)
+_MAP_FIXED = 0x10  # Linux mmap(2) flag, not in Python's mmap module
 _FIX = "do not modify, truncate or replace a checkpoint while it is loaded; run the load again"
 
 
@@ -54,6 +62,10 @@ class FileLeases:
         self.fds: dict[str, int] = {}
         self.paths: dict[str, str] = {}
         self.unleased: dict[str, str] = {}
+        self.mapped: dict[str, list[tuple[int, int]]] = {}  # name -> this rank's mappings (address, bytes)
+        self.broken: tuple[str, str] | None = None  # (name, what) once the watching thread saw a break
+        self._lock = threading.Lock()
+        self._watch: _Watch | None = None
 
     def take(self, name: str, path: str) -> int | None:
         """Open ``path`` read-only and take a read lease on it; returns the descriptor, or None
@@ -80,33 +92,123 @@ class FileLeases:
         self.fds[name], self.paths[name] = fd, path
         return fd
 
+    def note_mapping(self, name: str, address: int, nbytes: int) -> None:
+        """Record a mapping of ``name`` this rank made, before it touches it (the watching
+        thread may replace it; after a break it is replaced at once)."""
+        with self._lock:
+            self.mapped.setdefault(name, []).append((address, nbytes))
+            if self.broken is not None:
+                _zero_pages(address, nbytes)
+
     def poll(self) -> None:
         """Raise StorageError naming the first file whose lease is being broken or was lost (a
         writer is waiting to truncate or write it), after releasing every lease so the writer
         goes on. Called by the holding rank before it touches mapped pages; not collective."""
+        with self._lock:
+            found = self.broken or self._first_break()
+            if found is not None:
+                self._release()
+        if found is not None:
+            raise StorageError("A checkpoint file is being changed (opened for writing or truncated) during the "
+                               "load", where=self.paths[found[0]], expected="no writer until the load returned",
+                               got=found[1], fix=_FIX)
+
+    def _first_break(self) -> tuple[str, str] | None:
+        """(name, what) of the first held lease that is being broken or was lost, else None."""
         for name, fd in self.fds.items():
             try:
-                state = fcntl.fcntl(fd, _F_GETLEASE)
+                if fcntl.fcntl(fd, _F_GETLEASE) == fcntl.F_RDLCK:
+                    continue
             except OSError as exc:
-                state, got = None, exc.strerror
-            else:
-                got = "its read lease is being broken (another process waits to truncate it or write to it)"
-            if state != fcntl.F_RDLCK:
-                path = self.paths[name]
-                self.release()
-                raise StorageError("A checkpoint file is being changed (opened for writing or truncated) "
-                                   "during the load", where=path, expected="no writer until the load returned",
-                                   got=got, fix=_FIX)
+                return name, exc.strerror or str(exc)
+            return name, "its read lease is being broken (another process waits to truncate it or write to it)"
+        return None
+
+    def watch(self, period: float | None = None) -> None:
+        """Start a thread that polls the leases every ``period`` seconds until :meth:`unwatch`:
+        when a writer arrives it replaces this rank's mappings of that file by zero pages (a
+        touch then reads zeros instead of faulting, even once the writer went on), records the
+        break for the next :meth:`poll`, which fails the load, and releases the leases. So a
+        step that touches mapped pages for longer than lease-break-time cannot fault either."""
+        period = WATCH_PERIOD if period is None else period
+        if self.fds and period > 0 and self._watch is None:
+            self._watch = _Watch(self, period)
+
+    def unwatch(self) -> None:
+        """Stop the watching thread (before the last poll of a load: after it nothing may
+        replace the pages of the tensors a load returns)."""
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.stop()
+
+    def neutralize(self) -> bool:
+        """The watching thread's poll: on a break, zero pages over all this rank's mappings of
+        the files (every lease is released, so no file is held any more), then record the break
+        and release the leases; True once that happened."""
+        with self._lock:
+            found = None if self.broken else self._first_break()
+            if found is None:
+                return self.broken is not None
+            for spans in self.mapped.values():
+                for address, nbytes in spans:
+                    _zero_pages(address, nbytes)
+            self.broken = (found[0], found[1] + "; this rank's mappings of the files were replaced by zero pages "
+                           "and its leases released, so the writer could go on")
+            self._release()
+            return True
 
     def release(self) -> None:
-        """Close every leased descriptor (a blocked writer goes on once no process holds a
-        lease on its file). Idempotent; called on every path out of a load."""
+        """Stop the watching thread and close every leased descriptor (a blocked writer goes on
+        once no process holds a lease on its file). Idempotent; called on every path out of a load."""
+        self.unwatch()
+        with self._lock:
+            self._release()
+
+    def _release(self) -> None:
         fds, self.fds = self.fds, {}
         for fd in fds.values():
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+
+class _Watch:
+    """The thread of :meth:`FileLeases.watch` (a daemon: it only polls and maps)."""
+
+    def __init__(self, leases: FileLeases, period: float) -> None:
+        self.leases, self.period = leases, period
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="weightcast-lease-watch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.period):
+            if self.leases.neutralize():
+                return
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join()
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.mmap.restype = ctypes.c_void_p
+_LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+
+
+def _zero_pages(address: int, nbytes: int) -> None:
+    """Replace the pages of ``[address, address + nbytes)`` (a private file mapping) by private
+    zero pages, atomically (``MAP_FIXED``): the tensors viewing it stay valid memory."""
+    if nbytes <= 0:
+        return
+    start = address - address % mmap.PAGESIZE
+    length = -(-(address + nbytes - start) // mmap.PAGESIZE) * mmap.PAGESIZE
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
+    got = _LIBC.mmap(start, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+    if got != start:
+        log.warning("weightcast: could not replace the mapping at %#x: %s", start, os.strerror(ctypes.get_errno()))
 
 
 def _why(err: int | None) -> str:

@@ -39,11 +39,14 @@ from weightcast.workers.transfer import TransferStats
 
 def run_node_shared(group: Group, plan: LoadPlan, root: str, reader: StorageReader, load_id: str,
                     threads: int = 4, show_progress: bool = True,
-                    before_views: Callable[[], None] | None = None) -> tuple[dict[str, torch.Tensor], TransferStats]:
+                    before_views: Callable[[], None] | None = None,
+                    on_map: Callable[[str, int, int], None] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], TransferStats]:
     """Execute ``plan`` with node-shared staging; returns this rank's tensors (collective).
     A ``staged`` reader (object storage) reads into the node's ``/dev/shm`` areas with its own
     request size and concurrency; every view then maps those areas. ``before_views`` runs once the
-    pages are in, before any is copied (a check that the files did not change)."""
+    pages are in, before any is copied (a check that the files did not change); ``on_map(file,
+    address, bytes)`` learns of each file mapping as it is made."""
     stats = TransferStats()
     node_names = [n for n, _ in plan.nodes]
     node_index = node_names.index(node_of(plan, group.rank))
@@ -52,7 +55,7 @@ def run_node_shared(group: Group, plan: LoadPlan, root: str, reader: StorageRead
     areas = Areas(load_id, node_index, sizes, {f.name: i for i, f in enumerate(plan.files)})
     staged = bool(getattr(reader, "staged", False))
     pool = ReadPool(reader, getattr(reader, "concurrency", threads) if staged else threads)
-    maps: Any = StagedMaps(areas) if staged else FileMaps(root, plan)
+    maps: Any = StagedMaps(areas) if staged else FileMaps(root, plan, on_map)
     mine = sum(i.length for i in plan.reads if i.rank == group.rank)
     populate = None
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import glob
 import os
+from typing import Callable
 
 import torch
 
@@ -135,10 +136,11 @@ class FileMaps:
     checked against the size and mtime the plan recorded (a changed file is an error, never a
     SIGBUS later)."""
 
-    def __init__(self, root: str, plan: LoadPlan) -> None:
+    def __init__(self, root: str, plan: LoadPlan, on_map: Callable[[str, int, int], None] | None = None) -> None:
         self.root = root
         self.stamps = {s.name: s for s in plan.files}
         self.maps: dict[str, torch.Tensor] = {}
+        self.on_map = on_map  # told (file, address, bytes) of each mapping (the file guard)
 
     def get(self, file: str) -> torch.Tensor:
         if file not in self.maps:
@@ -146,6 +148,8 @@ class FileMaps:
             stamp = self.stamps[file]
             check_stamp(path, os.stat(path), stamp)
             storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=stamp.size)
+            if self.on_map is not None:
+                self.on_map(file, storage.data_ptr(), stamp.size)
             self.maps[file] = torch.empty(0, dtype=torch.uint8).set_(storage)
         return self.maps[file]
 
