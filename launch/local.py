@@ -110,7 +110,7 @@ def spawn(nproc: int, fn: str, args: dict, *, timeout: float = 600.0, nodes: lis
             port = free_port()
             for rank in range(nproc):
                 procs.append((start or _start)(tmp, rank, fn, args, rank_env(rank, nproc, port, nodes, env)))
-            stopped = _wait(procs, timeout, grace)
+            stopped = _wait(procs, timeout, grace, lambda rank: _phase(tmp, rank))
         results = [_result(tmp, rank, p, rank in stopped) for rank, p in enumerate(procs)]
     finally:
         with interrupts_ignored():  # a second Ctrl-C must not leave ranks running
@@ -130,9 +130,11 @@ def _start(tmp: str, rank: int, fn: str, args: dict, env: dict[str, str]) -> sub
         return subprocess.Popen(cmd, env=env, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def _wait(procs: list[subprocess.Popen], timeout: float, grace: float) -> set[int]:
+def _wait(procs: list[subprocess.Popen], timeout: float, grace: float, phase_of: Callable[[int], str]) -> set[int]:
     """Reap the ranks as they exit. After the first failure (or at ``timeout``) the others get
-    ``grace`` seconds (none at the timeout), then are stopped; -> the ranks stopped here."""
+    ``grace`` seconds (none at the timeout), then are stopped: SIGKILL at once for those still in
+    ``start-up`` (waiting in the rendezvous, where they cannot act on SIGTERM, with nothing to
+    clean up yet), SIGTERM first for the others; -> the ranks stopped here."""
     deadline = time.monotonic() + timeout
     failed = False
     while True:
@@ -144,6 +146,7 @@ def _wait(procs: list[subprocess.Popen], timeout: float, grace: float) -> set[in
             failed, deadline = True, min(deadline, now + grace)
         if now >= deadline:
             alive = {r for r, c in enumerate(codes) if c is None}
+            stop_process_groups([procs[r] for r in sorted(alive) if phase_of(r) == "start-up"], term_s=0.0)
             stop_process_groups(procs)
             return alive
         time.sleep(POLL_S)
@@ -178,12 +181,16 @@ def _read(path: str) -> str:
         return ""
 
 
+def _phase(tmp: str, rank: int) -> str:
+    """The rank's last phase as it wrote it (``start-up`` before it wrote one)."""
+    return _read(os.path.join(tmp, f"rank{rank}.phase")).strip() or "start-up"
+
+
 def _result(tmp: str, rank: int, p: subprocess.Popen, stopped: bool) -> RankResult:
     text = _read(os.path.join(tmp, f"rank{rank}.json"))
     value = json.loads(text) if text else None
     code = p.returncode if p.returncode is not None else -signal.SIGKILL
-    return RankResult(rank, code, value, _read(os.path.join(tmp, f"rank{rank}.err")),
-                      _read(os.path.join(tmp, f"rank{rank}.phase")).strip() or "start-up", stopped)
+    return RankResult(rank, code, value, _read(os.path.join(tmp, f"rank{rank}.err")), _phase(tmp, rank), stopped)
 
 
 def describe_exit(code: int) -> str:
