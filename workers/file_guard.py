@@ -86,9 +86,9 @@ class FileGuard:
         """Release the read leases (end of the load, success or failure); idempotent."""
         self.leases.release()
 
-    def note_mapping(self, name: str, address: int, nbytes: int) -> None:
+    def note_mapping(self, name: str, storage: Any) -> None:
         """A mapping of checkpoint file ``name`` this rank just made (see FileLeases.watch)."""
-        self.leases.note_mapping(name, address, nbytes)
+        self.leases.note_mapping(name, storage)
 
     def finish(self) -> None:
         """The last check of a load: stop the watching thread, then :meth:`check` (after this

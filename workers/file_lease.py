@@ -35,6 +35,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 from weightcast.orchestrator.errors import StorageError
 
@@ -62,7 +63,7 @@ class FileLeases:
         self.fds: dict[str, int] = {}
         self.paths: dict[str, str] = {}
         self.unleased: dict[str, str] = {}
-        self.mapped: dict[str, list[tuple[int, int]]] = {}  # name -> this rank's mappings (address, bytes)
+        self.mapped: dict[str, list[Any]] = {}  # name -> this rank's mappings (storages), alive until release
         self.broken: tuple[str, str] | None = None  # (name, what) once the watching thread saw a break
         self._lock = threading.Lock()
         self._watch: _Watch | None = None
@@ -92,13 +93,15 @@ class FileLeases:
         self.fds[name], self.paths[name] = fd, path
         return fd
 
-    def note_mapping(self, name: str, address: int, nbytes: int) -> None:
-        """Record a mapping of ``name`` this rank made, before it touches it (the watching
-        thread may replace it; after a break it is replaced at once)."""
+    def note_mapping(self, name: str, storage: Any) -> None:
+        """Record a mapping of ``name`` this rank made (a ``torch.UntypedStorage`` from
+        ``from_file``), before it touches it: the watching thread may replace its pages (after
+        a break at once). The reference keeps the mapping (its address range) this storage's
+        until :meth:`release`: no other memory can come to lie there meanwhile."""
         with self._lock:
-            self.mapped.setdefault(name, []).append((address, nbytes))
+            self.mapped.setdefault(name, []).append(storage)
             if self.broken is not None:
-                _zero_pages(address, nbytes)
+                _zero_pages(storage.data_ptr(), storage.nbytes())
 
     def poll(self) -> None:
         """Raise StorageError naming the first file whose lease is being broken or was lost (a
@@ -149,9 +152,9 @@ class FileLeases:
             found = None if self.broken else self._first_break()
             if found is None:
                 return self.broken is not None
-            for spans in self.mapped.values():
-                for address, nbytes in spans:
-                    _zero_pages(address, nbytes)
+            for storages in self.mapped.values():
+                for storage in storages:
+                    _zero_pages(storage.data_ptr(), storage.nbytes())
             self.broken = (found[0], found[1] + "; this rank's mappings of the files were replaced by zero pages "
                            "and its leases released, so the writer could go on")
             self._release()
@@ -166,6 +169,8 @@ class FileLeases:
 
     def _release(self) -> None:
         fds, self.fds = self.fds, {}
+        if self._watch is None:  # nothing replaces pages any more: the mappings may go
+            self.mapped = {}
         for fd in fds.values():
             try:
                 os.close(fd)

@@ -40,13 +40,13 @@ from weightcast.workers.transfer import TransferStats
 def run_node_shared(group: Group, plan: LoadPlan, root: str, reader: StorageReader, load_id: str,
                     threads: int = 4, show_progress: bool = True,
                     before_views: Callable[[], None] | None = None,
-                    on_map: Callable[[str, int, int], None] | None = None
+                    on_map: Callable[[str, torch.UntypedStorage], None] | None = None
                     ) -> tuple[dict[str, torch.Tensor], TransferStats]:
     """Execute ``plan`` with node-shared staging; returns this rank's tensors (collective).
     A ``staged`` reader (object storage) reads into the node's ``/dev/shm`` areas with its own
     request size and concurrency; every view then maps those areas. ``before_views`` runs once the
     pages are in, before any is copied (a check that the files did not change); ``on_map(file,
-    address, bytes)`` learns of each file mapping as it is made."""
+    storage)`` learns of each file mapping as it is made."""
     stats = TransferStats()
     node_names = [n for n, _ in plan.nodes]
     node_index = node_names.index(node_of(plan, group.rank))

@@ -136,11 +136,12 @@ class FileMaps:
     checked against the size and mtime the plan recorded (a changed file is an error, never a
     SIGBUS later)."""
 
-    def __init__(self, root: str, plan: LoadPlan, on_map: Callable[[str, int, int], None] | None = None) -> None:
+    def __init__(self, root: str, plan: LoadPlan,
+                 on_map: Callable[[str, torch.UntypedStorage], None] | None = None) -> None:
         self.root = root
         self.stamps = {s.name: s for s in plan.files}
         self.maps: dict[str, torch.Tensor] = {}
-        self.on_map = on_map  # told (file, address, bytes) of each mapping (the file guard)
+        self.on_map = on_map  # told (file, storage) of each mapping (the file guard)
 
     def get(self, file: str) -> torch.Tensor:
         if file not in self.maps:
@@ -149,7 +150,7 @@ class FileMaps:
             check_stamp(path, os.stat(path), stamp)
             storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=stamp.size)
             if self.on_map is not None:
-                self.on_map(file, storage.data_ptr(), stamp.size)
+                self.on_map(file, storage)
             self.maps[file] = torch.empty(0, dtype=torch.uint8).set_(storage)
         return self.maps[file]
 
