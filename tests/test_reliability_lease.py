@@ -263,3 +263,46 @@ def test_file_without_a_lease_loads_with_the_identity_checks(ckpt, tmp_path, mon
     assert any("no read lease on" in r.getMessage() and first in r.getMessage() for r in caplog.records)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert _open_under(os.path.realpath(root)) == []
+
+
+def test_watcher_maps_zero_pages_and_lets_the_writer_go(tmp_path) -> None:
+    """FileLeases alone (one process): a mapped, leased file; a writer truncating it waits until
+    the watching thread replaced the mapping by zero pages and released the lease (well under a
+    second, not lease-break-time); the tensor then reads zeros, the next poll is a StorageError
+    naming the file, and release() drops the mappings it held. Once unwatched, nothing is
+    replaced: a second writer waits for release()."""
+    import torch
+    from weightcast.orchestrator.errors import StorageError
+    from weightcast.workers.file_lease import FileLeases
+    path = str(tmp_path / "f.bin")
+    with open(path, "wb") as fh:
+        fh.write(os.urandom((1 << 20) + 5))
+    if _no_lease_reason(path):
+        pytest.skip(_no_lease_reason(path))
+    leases = FileLeases()
+    assert leases.take("f.bin", path) is not None
+    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=(1 << 20) + 5)
+    view = torch.empty(0, dtype=torch.uint8).set_(storage)
+    leases.note_mapping("f.bin", storage)
+    assert int(view.sum()) > 0
+    leases.watch(0.05)
+    waited = _timed(f"import os; os.truncate({path!r}, 0)")
+    assert waited < 1.0 and os.path.getsize(path) == 0, waited
+    assert int(view.sum()) == 0  # zero pages, not a SIGBUS
+    with pytest.raises(StorageError, match="being changed") as info:
+        leases.poll()
+    assert path in str(info.value) and "replaced by zero pages" in str(info.value)
+    leases.release()
+    assert leases.mapped == {} and leases.fds == {}
+
+    with open(path, "wb") as fh:  # once unwatched, a writer waits for release()
+        fh.write(os.urandom(1 << 16))
+    again = FileLeases()
+    again.take("f.bin", path)
+    again.watch(0.05)
+    again.unwatch()
+    writer = subprocess.Popen([sys.executable, "-S", "-c", f"import os; os.truncate({path!r}, 0)"])
+    time.sleep(0.5)
+    assert writer.poll() is None  # still held off
+    again.release()
+    assert writer.wait(timeout=10) == 0 and os.path.getsize(path) == 0
