@@ -132,10 +132,8 @@ def phase_hook(phase: str, rank: int) -> None:
     elif kind == "interrupt":
         mark_death(rank)
         raise KeyboardInterrupt
-    elif kind in ("kill-on-send", "kill-on-recv"):
-        _kill_at_first_data_collective(rank, kind == "kill-on-recv")
-    elif kind == "raise-on-send":
-        _raise_at_first_send(rank)
+    elif kind in ("kill-on-send", "kill-on-recv", "raise-on-send"):
+        _break_data_collectives(rank, kind)
 
 
 def _wait_for_size(path: str, size: int, timeout: float = 20.0) -> None:
@@ -144,31 +142,22 @@ def _wait_for_size(path: str, size: int, timeout: float = 20.0) -> None:
         time.sleep(0.01)
 
 
-def _kill_at_first_data_collective(rank: int, receive_only: bool) -> None:
-    """Replace torch.distributed's data collectives in this process (all of them, or only the
-    receives) by ones that SIGKILL it: the transfer phase calls them through the module, so the
-    rank dies in the middle of the exchange."""
+def _break_data_collectives(rank: int, kind: str) -> None:
+    """Replace torch.distributed's data collectives in this process (the transfer phase calls
+    them through the module): ``kill-on-send`` SIGKILLs the rank at any of them, ``kill-on-recv``
+    at a receive, ``raise-on-send`` raises at a send, its receives posted (with rank ``*`` every
+    rank fails so, each waiting on a peer that fails too)."""
     import torch.distributed as dist
 
-    def dying(*args: Any, **kwargs: Any) -> None:
-        die(rank)
-
-    for name in ("irecv", "recv") if receive_only else ("broadcast", "isend", "irecv", "send", "recv"):
-        setattr(dist, name, dying)
-
-
-def _raise_at_first_send(rank: int) -> None:
-    """Replace torch.distributed's sends in this process by ones that raise: the rank fails in
-    the middle of the exchange with its receives posted (every rank, with ``*``: each waits on
-    a peer that fails too)."""
-    import torch.distributed as dist
-
-    def failing(*args: Any, **kwargs: Any) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        if kind != "raise-on-send":
+            die(rank)
         mark_death(rank)
         raise RuntimeError(f"injected failure on rank {rank} at a send")
 
-    for name in ("isend", "send"):
-        setattr(dist, name, failing)
+    names = {"kill-on-recv": ("irecv", "recv"), "raise-on-send": ("isend", "send")}
+    for name in names.get(kind, ("broadcast", "isend", "irecv", "send", "recv")):
+        setattr(dist, name, broken)
 
 
 def _change_file_then_barrier(kind: str, mine: bool) -> None:
