@@ -61,28 +61,12 @@ def _args(root: str) -> dict:
     return {"source": root, "model": None, "timeout": TIMEOUT, "transport": "node-shared", "dtype": "float16"}
 
 
-def _areas() -> set[str]:
-    return {f for f in os.listdir("/dev/shm") if f.startswith("weightcast-")}
-
-
-def _left_behind(before: set[str]) -> list[str]:
-    """Staging areas that appeared since ``before`` and that no live process holds (a load
-    holds a shared flock on each of its areas until it unlinked them; other jobs on this machine
-    may be loading meanwhile)."""
-    left = []
-    for name in sorted(_areas() - before):
-        try:
-            fd = os.open(os.path.join("/dev/shm", name), os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            left.append(name)
-        except OSError:
-            pass  # held: a live load's
-        finally:
-            os.close(fd)
-    return left
+def _no_lease_left(path: str) -> bool:
+    """No process holds a lease on ``path``: a non-blocking open for writing succeeds (a lease
+    would make it fail with EAGAIN)."""
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    os.close(fd)
+    return True
 
 
 def _writer_case(ckpt: str, tmp_path, kind: str, at: str, extra: dict) -> tuple[list, str]:
@@ -115,13 +99,13 @@ def test_truncation_between_check_and_touch_is_a_storage_error_not_sigbus(ckpt, 
     """Rank 0 passes the file guard's checks before materialize, then a writer process
     truncates a shard it maps (``os.truncate``, blocking) before rank 0 touches a page of it.
     With leases: the writer waits, every rank raises a StorageError naming the file, the writer
-    ends within 2 s of the error, nothing is left. Control, leases off: rank 0 dies of SIGBUS."""
-    shm = _areas()
+    ends within 2 s of the error, no process and no lease is left (one node: nothing is staged
+    in /dev/shm). Control, leases off: rank 0 dies of SIGBUS."""
     outs, shard = _writer_case(ckpt, tmp_path / "leased", "writer-truncate", "materialize-checked", {})
     _assert_failed_together(outs, shard)
     _assert_writer_went_on(outs, record_property)
     assert os.path.getsize(shard) == 0  # the truncation happened, after the load
-    assert faults.stray_processes() == [] and _left_behind(shm) == []
+    assert faults.stray_processes() == [] and _no_lease_left(shard)  # one node: nothing staged in /dev/shm
     control, shard = _writer_case(ckpt, tmp_path / "control", "writer-truncate", "materialize-checked",
                                   {"WC_NO_LEASES": "1"})
     assert control[0].exitcode == -7, [(o.exitcode, o.error) for o in control]  # SIGBUS
@@ -151,7 +135,7 @@ def test_in_place_writer_during_the_load_is_a_storage_error(ckpt, tmp_path, reco
     outs, shard = _writer_case(ckpt, tmp_path, "writer-open", "materialize", {})
     _assert_failed_together(outs, shard)
     _assert_writer_went_on(outs, record_property)
-    assert faults.stray_processes() == []
+    assert faults.stray_processes() == [] and _no_lease_left(shard)
 
 
 # ---------------------------------------------------------------- after the load, and without a lease
