@@ -171,3 +171,20 @@ def test_no_rank_aborts_at_exit_after_a_failed_load(ckpt) -> None:
             assert "terminate called" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
             assert r.returncode in (2, -9), (fault, r.rank, r.returncode, r.stderr[-3000:])
     print(f"\nexit statuses: {seen}")
+
+
+def terminate_self(model: object, report: dict) -> None:
+    """A ``--then`` function: SIGTERM this process, as torchrun's agent does to stop a worker."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)  # the handler raises here
+
+
+def test_torchrun_worker_ends_cleanly_on_sigterm(ckpt) -> None:
+    """``python -m weightcast.launch.torchrun`` (what torchrun runs on every rank; one rank here)
+    handles SIGTERM as Ctrl-C: one line on stderr, exit status 143, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "weightcast.launch.torchrun", ckpt, "--quiet", "--then",
+                           "tests.test_reliability_interrupt:terminate_self"], env=_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == "rank 0: terminated (SIGTERM)", proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
