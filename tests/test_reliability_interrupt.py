@@ -182,8 +182,9 @@ def terminate_self(model: object, report: dict) -> None:
 def test_torchrun_worker_ends_cleanly_on_sigterm(ckpt) -> None:
     """``python -m weightcast.launch.torchrun`` (what torchrun runs on every rank; one rank here)
     handles SIGTERM as Ctrl-C: one line on stderr, exit status 143, no traceback."""
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-m", "weightcast.launch.torchrun", ckpt, "--quiet", "--then",
-                           "tests.test_reliability_interrupt:terminate_self"], env=_env(), cwd=REPO,
+                           "tests.test_reliability_interrupt:terminate_self"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == "rank 0: terminated (SIGTERM)", proc.stderr[-3000:]
