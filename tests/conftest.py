@@ -5,6 +5,10 @@ import os
 
 import pytest
 
+# One SeaweedFS server, its proxy and client for the whole session (tests/s3_fixtures.py): the
+# object-storage modules share them instead of starting a server each.
+from s3_fixtures import client, proxy, server  # noqa: F401 - fixtures
+
 
 @pytest.fixture(scope="session")
 def trainer_checkpoint(tmp_path_factory) -> str:

@@ -1,6 +1,8 @@
-"""Fixtures shared by the object-storage tests: a real SeaweedFS started per test module
-(fails with its reason when it cannot start), a counting / fault-injecting proxy in front of it,
-the standard AWS variables pointing at the proxy, and a tiny Llama uploaded as ``s3://models/llama``."""
+"""Fixtures shared by the object-storage tests: a real SeaweedFS started once per session (fails
+with its reason when it cannot start), a counting / fault-injecting proxy in front of it (both,
+and the ``client``, are made session fixtures by tests/conftest.py; ``s3env`` clears the proxy's
+faults and counts before each test), the standard AWS variables pointing at the proxy, and a
+tiny Llama uploaded as ``s3://models/llama`` (per module)."""
 from __future__ import annotations
 
 import re
@@ -19,21 +21,21 @@ from weightcast.workers.s3 import S3Options, S3Store
 BUCKET = "models"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(tmp_path_factory):
     srv = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
     yield srv
     srv.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def proxy(server):
     p = CountingProxy(server.endpoint)
     yield p
     p.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def client(server):
     env = server.env()
     c = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from s3_fixtures import (BUCKET, client, data_bytes_served, llama, proxy, s3env, server,  # noqa: F401
+from s3_fixtures import (BUCKET, data_bytes_served, llama, s3env,  # noqa: F401 - fixtures
                          store, upload_dir)
 from tests.ranks import spawn  # forked ranks: see tests/ranks.py
 from weightcast.orchestrator.checkpoint import load_index

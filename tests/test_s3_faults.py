@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from s3_fixtures import (BUCKET, client, data_bytes_served, llama, proxy, s3env, server,  # noqa: F401
+from s3_fixtures import (BUCKET, data_bytes_served, llama, s3env,  # noqa: F401 - fixtures
                          upload_dir)
 from s3_proxy import Fault
 from tests.ranks import spawn  # forked ranks: see tests/ranks.py
