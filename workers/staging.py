@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
