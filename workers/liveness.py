@@ -59,7 +59,7 @@ class Liveness:
         self._done = threading.Event()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._sock: socket.socket | None = None
+        self._sock: socket.socket | None = None  # a rank's connection to the hub (the hub: its wake-up socket)
         self._hub_process: tuple[str, int] | None = None  # rank 0's (host name, pid)
 
     # ------------------------------------------------------------------ what callers use
@@ -102,10 +102,27 @@ class Liveness:
         if self._done.is_set():
             return
         self._done.set()
+        self._wake()
         if self._thread is not None:
             self._thread.join(5 * PERIOD + 1)
+        if self.rank == 0 and self._sock is not None:
+            self._sock.close()  # the hub's end of its wake-up pair (the hub closed its own)
         with self._cond:
             self._cond.notify_all()
+
+    def _wake(self) -> None:
+        """The thread sees stop() now, not after its next tick: a byte on the hub's wake-up
+        socket; a rank's read side shut (its blocked recv returns; the goodbye still goes out)."""
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            if self.rank == 0:
+                sock.send(b"w")
+            else:
+                sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass  # the thread already ended, or ends at its next tick
 
     # ------------------------------------------------------------------ verdicts
 
@@ -144,12 +161,15 @@ def start(rank: int, world: int, timeout: float, node: str, share: Callable[[byt
         listener = socket.create_server((host, 0), backlog=min(world, 4096))
         address = json.dumps([host, listener.getsockname()[1], os.getpid(), socket.gethostname()]).encode()
         share(address)
-        live._thread = threading.Thread(target=_Hub(live, listener).run, name="weightcast-liveness-hub", daemon=True)
+        wake, live._sock = socket.socketpair()
+        live._thread = threading.Thread(target=_Hub(live, listener, wake).run, name="weightcast-liveness-hub",
+                                        daemon=True)
     else:
         host, port, hub_pid, hub_host = json.loads(share(None))
         live._hub_process = (hub_host, hub_pid)
         sock = socket.create_connection((host, port), timeout=timeout)
         sock.sendall(f"r {rank} {os.getpid()} {socket.gethostname()}\n".encode())
+        live._sock = sock
         live._thread = threading.Thread(target=_client, args=(live, sock), name="weightcast-liveness", daemon=True)
     live._thread.start()
     return live
@@ -177,8 +197,8 @@ def silent_process(process: tuple[str, int] | None) -> str | None:
 class _Hub:
     """Rank 0's thread: accepts every rank, hears them, tells everyone the first loss."""
 
-    def __init__(self, live: Liveness, listener: socket.socket) -> None:
-        self.live, self.listener = live, listener
+    def __init__(self, live: Liveness, listener: socket.socket, wake: socket.socket) -> None:
+        self.live, self.listener, self.wake = live, listener, wake
         self.sel = selectors.DefaultSelector()
         self.conns: dict[socket.socket, list] = {}  # sock -> [rank or None, buffer]
         self.heard = {r: time.monotonic() for r in range(1, live.world)}
@@ -190,10 +210,13 @@ class _Hub:
         live = self.live
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ)
+        self.sel.register(self.wake, selectors.EVENT_READ)  # stop(): the loop ends without waiting a tick
         next_beat = 0.0
         try:
             while not live._done.is_set():
                 for key, _ in self.sel.select(_TICK):
+                    if key.fileobj is self.wake:
+                        continue
                     self._accept() if key.fileobj is self.listener else self._receive(key.fileobj)
                 now = time.monotonic()
                 if now >= next_beat:
@@ -282,6 +305,7 @@ class _Hub:
         self._send_all(b"bye\n")
         for sock in list(self.conns):
             self._drop(sock)
+        self.wake.close()
         self.sel.close()
         self.listener.close()
 
