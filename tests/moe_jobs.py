@@ -59,25 +59,31 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _keys(info: dict) -> dict:
+    """A loading-info dict's key sets, comparable across processes."""
+    return {k: sorted(map(str, info[k])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+
+
 def tp_vs_from_pretrained(args: dict) -> dict:
     """Every rank: weightcast ``tp`` (the model's own plan) vs transformers' ``from_pretrained``
     with the same DistributedConfig (per-rank layout, logits) and unsharded (logits)."""
     import transformers
     from transformers.distributed import DistributedConfig
     from weightcast.workers.api import load_pretrained
-    model, report = load_pretrained(args["source"], model="auto", device_map="tp", dtype="auto",
-                                    return_report=True, report_memory=False, progress=False, timeout=120)
+    model, info, report = load_pretrained(args["source"], model="auto", device_map="tp", dtype="auto",
+                                          output_loading_info=True, return_report=True, report_memory=False,
+                                          progress=False, timeout=120)
     world = dist.get_world_size()
     cls = getattr(transformers, args["cls"])
     ep = world if model.ep_plan else 1
-    ref_tp = cls.from_pretrained(args["source"], dtype="auto",
-                                 distributed_config=DistributedConfig(tp_size=world, ep_size=ep))
+    ref_tp, ref_info = cls.from_pretrained(args["source"], dtype="auto", output_loading_info=True,
+                                           distributed_config=DistributedConfig(tp_size=world, ep_size=ep))
     whole = cls.from_pretrained(args["source"], dtype="auto")
     a, b, c = _full(_logits(model)), _full(_logits(ref_tp)), _logits(whole)
     mine, theirs = _local_layout(model), _local_layout(ref_tp)
     experts = [v[0][0] for k, v in mine.items() if k.endswith("experts.gate_up_proj")]
     return {"vs_whole": float((a - c).abs().max()), "vs_hf_tp": float((a - b).abs().max()),
-            "layout_equal": mine == theirs, "layout_diff": {k: (mine.get(k), theirs.get(k)) for k in theirs
+            "info": _keys(info), "ref_info": _keys(ref_info), "layout_equal": mine == theirs, "layout_diff": {k: (mine.get(k), theirs.get(k)) for k in theirs
                                                            if mine.get(k) != theirs[k]},
             "param_bytes": _param_bytes(model), "whole_bytes": _param_bytes(whole),
             "local_experts": experts, "meta": [n for n, p in model.named_parameters() if p.is_meta],

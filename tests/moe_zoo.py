@@ -20,7 +20,7 @@ ZOO: dict[str, tuple[str, dict[str, Any]]] = {
                                               num_experts_per_tok=2, decoder_sparse_step=1)),
     "qwen3_moe": ("Qwen3MoeForCausalLM", dict(_TEXT, intermediate_size=48, moe_intermediate_size=24,
                                               num_experts=4, num_experts_per_tok=2, head_dim=8,
-                                              decoder_sparse_step=1)),
+                                              decoder_sparse_step=1, tie_word_embeddings=True)),  # lm_head tied
     "deepseek_v3": ("DeepseekV3ForCausalLM", dict(_TEXT, intermediate_size=48, moe_intermediate_size=24,
                                                   n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
                                                   first_k_dense_replace=1, n_group=2, topk_group=1,

@@ -15,7 +15,8 @@ def test_zoo_replicate_and_tp_match_from_pretrained(tmp_path, model_type: str) -
     """On 2 ranks, in one job per model (saved in fp32 so tp logits compare to 1e-5):
 
     - ``replicate``: logits bit-identical to from_pretrained, identical state dict keys and tensors;
-    - ``tp``: sharded as from_pretrained(distributed_config=DistributedConfig(tp_size=2, ep_size=2))
+    - ``tp``: the loading info from_pretrained(distributed_config=...) gives (a tied ``lm_head`` is not
+      missing), sharded as from_pretrained(distributed_config=DistributedConfig(tp_size=2, ep_size=2))
       shards it (same local shapes and placements on every rank), half of the experts per rank,
       logits within 1e-5 of the unsharded model, about half the parameter bytes per rank;
     - every checkpoint byte read once (1.00 x) in both.
@@ -28,6 +29,7 @@ def test_zoo_replicate_and_tp_match_from_pretrained(tmp_path, model_type: str) -
         assert rep["keys_equal"] and rep["differ"] == [], rep
         assert rep["equal"], rep
         assert tp["meta"] == [] and tp["layout_equal"], tp["layout_diff"]
+        assert tp["info"] == tp["ref_info"], (tp["info"], tp["ref_info"])  # qwen3_moe: lm_head tied
         assert tp["vs_whole"] <= 1e-5 and tp["vs_hf_tp"] <= 1e-5, tp
         if model_type != "mistral3":  # the MoEs: 4 experts, 2 per rank
             assert tp["local_experts"] and all(n == 2 for n in tp["local_experts"]), tp

@@ -221,7 +221,9 @@ def materialize_hf_tp(job: Any, order: LoadOrder, tensors: dict[str, torch.Tenso
     config, _, mesh_manager = cls.prepare_distribute_model(distributed_config(module, tp_size, group.world_size))
     module = cls.maybe_distribute_model(module, config, mesh_manager)
     info = load_into_model(module, held, key_mapping=job.key_mapping, dtype_plan=fp32, match_dtypes=False)
-    module.tie_weights()
+    # as from_pretrained finishes: a tied key the checkpoint lacks is tied, not missing
+    module.tie_weights(missing_keys=info.missing_keys, recompute_mapping=False)
+    module._adjust_missing_and_unexpected_keys(info)
     _check_complete(module, info, job.strict)
     setattr(module, LOADING_INFO_ATTR, info)
     module.device_mesh = mesh_manager.get_mesh("tp")
