@@ -55,6 +55,10 @@ def main(mode: str, out: str, checkpoint: str | None = None) -> None:
     rank = int(os.environ.get("RANK", "0"))
     with open(os.path.join(out, f"losses_{rank}.json"), "w") as f:
         json.dump({"losses": losses, "weightcast": getattr(trainer, "weightcast_reports", None)}, f)
+    import torch.distributed as dist
+    if dist.is_initialized():  # gloo's threads joined now, not by destructors at interpreter exit
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
