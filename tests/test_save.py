@@ -112,8 +112,11 @@ def rank_save(args: dict) -> dict:
         if rank == args.get("fault_rank") and event == args.get("fault_at"):
             if args.get("fault") == "raise":
                 raise RuntimeError(f"injected fault at {event}")
-            if args.get("fault") == "hang":  # stuck (alive) past the others' timeout, then gone
-                time.sleep(args["timeout"] + 8)
+            if args.get("fault") == "hang":  # stuck (alive) well past the others' bound, then gone
+                hung = time.time()
+                time.sleep(args["timeout"] + 10)
+                with open(args["out"] + f".hung-{rank}", "w") as fh:
+                    fh.write(json.dumps({"hung": hung, "woke": time.time()}))
                 os._exit(3)
             with open(args["out"] + f".killed-{rank}", "w") as fh:
                 fh.write(repr(time.time()))
@@ -388,9 +391,11 @@ def test_rank_killed_mid_save(ref, tmp_path, rank: int, at: str) -> None:
         assert read_checkpoint(out).keys() == sample_tensors().keys()
 
 
-def test_rank_stuck_past_the_timeout(ref, tmp_path) -> None:
-    """A rank that stays alive but stops (hung I/O) fails the others at their timeout, named as
-    still running; the target is untouched and the temporary directory removed."""
+def test_rank_stuck_past_the_timeout(ref, tmp_path, record_property) -> None:
+    """A rank that stays alive but stops (hung I/O) after writing a file: every other rank
+    raises within ``timeout`` + 3 s of the save's start, named as still running, long before
+    the stuck rank wakes (``timeout`` + 10 s); the target is untouched and the temporary
+    directory removed."""
     root, model = ref
     out = str(tmp_path / "ckpt")
     write_sharded(out, shards=2)
@@ -398,9 +403,15 @@ def test_rank_stuck_past_the_timeout(ref, tmp_path) -> None:
     args = save_args(root, llama_order(model), out, fault_rank=1, fault_at="wrote", fault="hang", timeout=5)
     results = spawn(3, "tests.test_save:rank_save", args, timeout=120, check=False, grace=30)
     assert results[1].returncode == 3
+    hang = json.loads(open(out + ".hung-1").read())
+    os.remove(out + ".hung-1")
+    delays = [round(r.value["t"] - r.value["start"], 3) for r in (results[0], results[2])]
+    record_property("start_to_error_s", delays)
+    print(f"\nrank 1 stuck at 'wrote' (timeout={args['timeout']}): survivors' errors after {delays} s")
     for r in (results[0], results[2]):
         assert r.value["ok"] is False and "rank 1 did not finish in time (still running)" in r.value["error"]
-        assert r.value["t"] - r.value["start"] < args["timeout"] + 8
+        assert args["timeout"] - 1 <= r.value["t"] - r.value["start"] < args["timeout"] + 3, delays
+        assert r.value["t"] < hang["woke"] - 5, (r.value["t"], hang)
     assert digest(out) == before and leftovers(out) == []
 
 

@@ -8,7 +8,8 @@ then fails at once, find that error (:meth:`Watch.lost`) and raise the same one.
 was posted, the rank that notices first names the ranks that never reached the exchange
 (dead: their heartbeat stopped; or still busy), and that verdict is what every rank raises. The
 store's ``compare_set`` makes the first verdict the only one. Rank 0 waits a few seconds for
-the others to read it, since the store usually lives in rank 0's process.
+the others to read it, since the store usually lives in rank 0's process; not for the ranks
+the verdict names (dead or stuck), so no rank waits past ``timeout`` + WINDOW + a moment.
 """
 from __future__ import annotations
 
@@ -115,8 +116,11 @@ class Watch:
         return got
 
     def _linger(self, verdict: dict) -> None:
-        gone = set(verdict.get("ranks") or []) if verdict["kind"] == "lost" and verdict.get("dead") else set()
-        wait = [r for r in range(self.world) if r not in gone and r != self.rank]
+        """Rank 0: wait (at most LINGER s) until every rank that can read ``verdict`` has. The
+        ranks it names are not waited for: a dead one never reads it, a stuck one only once it
+        wakes, well past the timeout every other rank is bound by."""
+        named = set(verdict.get("ranks") or []) if verdict["kind"] == "lost" else set()
+        wait = [r for r in range(self.world) if r not in named and r != self.rank]
         deadline = time.monotonic() + LINGER
         try:
             while wait and time.monotonic() < deadline:
