@@ -29,7 +29,7 @@ import ctypes
 import errno
 import mmap
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from weightcast.orchestrator.errors import StorageError
 from weightcast.workers.file_lease import FileLeases
@@ -129,16 +129,7 @@ class FileGuard:
 def check_backed(tensors: Iterable[Any]) -> None:
     """``MADV_POPULATE_READ`` over the bytes of every CPU tensor (each span once): a page a
     touch would fault on (its file was truncated) is a StorageError naming the file."""
-    seen: set[tuple[int, int]] = set()
-    for t in tensors:
-        if getattr(t, "device", None) is None or t.device.type != "cpu" or t.is_meta:
-            continue
-        # the tensor's own bytes only: its storage may be a whole file's mapping, and populating
-        # the rest would read from storage what other nodes read (and stage) for this one
-        ptr, size = t.data_ptr(), _extent(t)
-        if not size or (ptr, size) in seen:
-            continue
-        seen.add((ptr, size))
+    for ptr, size in _spans(tensors):
         err = _populate(ptr, size)
         if err:
             if err in (errno.EINVAL, errno.ENOSYS):  # an old kernel: the stat checks are all there is
@@ -153,13 +144,24 @@ def populate(tensors: Iterable[Any]) -> bool:
     ``MADV_POPULATE_READ``, so that a page no longer backed by its file (truncated) is skipped
     instead of raising SIGBUS. False where the kernel lacks it (the caller reads the pages).
     Per rank, not collective."""
+    for ptr, size in _spans(tensors):
+        if _populate(ptr, size) in (errno.EINVAL, errno.ENOSYS):
+            return False
+    return True
+
+
+def _spans(tensors: Iterable[Any]) -> Iterator[tuple[int, int]]:
+    """``(address, bytes)`` of each CPU tensor's own bytes, each span once (meta and empty
+    tensors skipped): only its own bytes, as its storage may be a whole file's mapping, and
+    populating the rest would read from storage what other nodes read (and stage) for this one."""
+    seen: set[tuple[int, int]] = set()
     for t in tensors:
         if getattr(t, "device", None) is None or t.device.type != "cpu" or t.is_meta:
             continue
-        size = _extent(t)
-        if size and _populate(t.data_ptr(), size) in (errno.EINVAL, errno.ENOSYS):
-            return False
-    return True
+        span = (t.data_ptr(), _extent(t))
+        if span[1] and span not in seen:
+            seen.add(span)
+            yield span
 
 
 def _populate(ptr: int, size: int) -> int:
