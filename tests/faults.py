@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import errno
 import json
-import multiprocessing
 import os
 import signal
 import socket
@@ -265,17 +264,9 @@ class Outcome:
     writers: list | None = None  # the writer processes it started (wait_writers)
 
 
-_CTX: Any = None
-
-
 def _context() -> Any:
-    global _CTX
-    if _CTX is None:
-        _CTX = multiprocessing.get_context("forkserver")
-        # what every rank needs, imported once (model skeletons need accelerate and transformers)
-        _CTX.set_forkserver_preload(["torch", "torch.distributed", "weightcast.workers.api", "weightcast.workers.staging", "tests.faults",
-                                     "accelerate", "transformers.initialization", "transformers.modeling_utils"])
-    return _CTX
+    from tests.ranks import forkserver
+    return forkserver()
 
 
 def free_port() -> int:

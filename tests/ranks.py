@@ -29,8 +29,8 @@ from weightcast.launch import local
 PRELOAD = ["torch", "torch.distributed", "weightcast.workers.api", "weightcast.workers.staging", "tests.faults",
            "accelerate", "transformers.initialization", "transformers.modeling_utils",
            "transformers.models.llama.modeling_llama"]
-"""What the forkserver imports once (a superset of tests.faults' list: there is one forkserver
-per process, and whichever starts it first sets its list)."""
+"""What the forkserver imports once (every rank needs them; model skeletons need accelerate and
+transformers). The process has one forkserver, shared with tests.faults' ranks."""
 
 
 class _Rank:
@@ -51,7 +51,9 @@ class _Rank:
         return self.returncode
 
 
-def _context() -> Any:
+def forkserver() -> Any:
+    """The multiprocessing context whose forkserver preloads :data:`PRELOAD` (tests.faults and
+    :func:`start_forked` both fork their ranks from it)."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     return ctx
@@ -60,7 +62,7 @@ def _context() -> Any:
 def start_forked(tmp: str, rank: int, fn: str, args: dict, env: dict[str, str]) -> _Rank:
     """``start`` for :func:`weightcast.launch.local.spawn`: one rank forked from the forkserver."""
     paths = [os.path.join(tmp, f"rank{rank}.{ext}") for ext in ("json", "phase", "err")]
-    process = _context().Process(target=_rank_main, args=(fn, json.dumps(args), *paths, env, os.getcwd()),
+    process = forkserver().Process(target=_rank_main, args=(fn, json.dumps(args), *paths, env, os.getcwd()),
                                  daemon=False)
     process.start()
     return _Rank(process)
